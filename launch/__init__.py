@@ -1,0 +1,1 @@
+"""mie.launch: the shell and the cluster (CLI, configs, distributed environment, logging)."""

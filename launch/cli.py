@@ -1,0 +1,108 @@
+"""The ``mie`` command: one sub-command per stage, each ``CONFIG [key=value ...]``.
+
+Each stage is a ``main(cfg, env)`` that takes its typed config and the distributed environment; this
+module only parses the command line, loads the config, reads the launcher environment, and turns the
+known user errors into one line on stderr (exit code 2) instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mie.launch import config as config_lib
+from mie.launch.dist import world_info_from_env
+
+
+@dataclass(frozen=True)
+class Stage:
+    group: str | None
+    name: str
+    help: str
+    module: str  # imported on use, so `mie --help` stays fast
+    config_class: str
+    use_array: bool = False  # offline shard stages treat a SLURM array as one world
+    config_optional: bool = False  # all keys have defaults
+
+
+STAGES = [
+    Stage("shards", "toy", "generate the embedded toy world in the official corpus formats",
+          "mie.shards.toy", "ToyConfig", config_optional=True),
+    Stage("shards", "build", "turn a corpus (twitter|gmner|mnre|jmere|newsclippings|jsonl) into WebDataset shards",
+          "mie.shards.build", "BuildConfig", use_array=True),
+]
+
+
+def packaged_config(path: str) -> Path:
+    """``path`` itself if it exists, else the file of that name among mie's shipped configs."""
+    p = Path(path)
+    if p.exists():
+        return p
+    import mie.configs
+
+    shipped = Path(mie.configs.__file__).parent / path
+    return shipped if shipped.exists() else p
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from mie.shards.schema import ShardSetError
+    from mie.shards.sources import SourceError
+    from mie.shards.writer import ConfigMismatch
+
+    return config_lib.ConfigError, SourceError, ShardSetError, ConfigMismatch
+
+
+def run_stage(stage: Stage, args: list[str]) -> Any:
+    """Load the stage's config from ``[CONFIG] key=value...`` and call its ``main(cfg, env)``."""
+    import importlib
+
+    module = importlib.import_module(stage.module)
+    cls = getattr(module, stage.config_class)
+    path = None
+    if args and "=" not in args[0]:
+        path, args = packaged_config(args[0]), args[1:]
+    elif not stage.config_optional:
+        raise config_lib.ConfigError(f"mie {stage.group} {stage.name}: give a CONFIG file before key=value overrides")
+    cfg = config_lib.load(cls, path, args)
+    try:
+        env = world_info_from_env(use_array=stage.use_array)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"launcher environment: {e}") from None
+    return module.main(cfg, env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mie", description="Multimodal information extraction pretraining: "
+                                     "corpora → shards → pseudo-labels → pretraining → fine-tuning.")
+    top = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for stage in STAGES:
+        if stage.group is None:
+            sub = top.add_parser(stage.name, help=stage.help, description=stage.help)
+        else:
+            if stage.group not in groups:
+                gp = top.add_parser(stage.group, help=f"{stage.group} stages: "
+                                    + ", ".join(s.name for s in STAGES if s.group == stage.group))
+                groups[stage.group] = gp.add_subparsers(dest="stage", metavar="STAGE", required=True)
+            sub = groups[stage.group].add_parser(stage.name, help=stage.help, description=stage.help)
+        cfg_help = "TOML config (optional)" if stage.config_optional else "TOML config"
+        sub.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help=f"{cfg_help}, then dotted overrides")
+        sub.set_defaults(stage_obj=stage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mie`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        run_stage(args.stage_obj, args.args)
+    except _known_errors() as e:
+        print(f"mie: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

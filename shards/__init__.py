@@ -1,0 +1,1 @@
+"""mie.shards: offline corpus work, corpora → WebDataset shard sets and their enrichment."""

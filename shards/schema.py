@@ -1,0 +1,47 @@
+"""The shard-set contract between stages: sample keys, file names, and ``index.json``.
+
+A shard set is a directory of ``shard-%06d.tar`` files, an ``index.json`` that lists them with
+their sha256 (written last: a set without it is not complete), and ``rejects.jsonl``. See the shard
+schema table in DESIGN.md for the fields of a sample.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+SHARD_PATTERN = "shard-{:06d}.tar"
+INDEX = "index.json"
+REJECTS = "rejects.jsonl"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def sample_key(source: str, split: str, original_id: str) -> str:
+    """``<source>-<split>-<id>`` with every character that webdataset would misread (``.`` starts the
+    extension, ``/`` a folder) replaced by ``_``."""
+    return f"{_UNSAFE.sub('_', source)}-{_UNSAFE.sub('_', split)}-{_UNSAFE.sub('_', original_id)}"
+
+
+class ShardSetError(Exception):
+    """A shard set that is missing or incomplete, in one line."""
+
+
+def read_index(set_dir: str | Path) -> dict[str, Any]:
+    """The ``index.json`` of a complete shard set, or a ShardSetError saying why there is none."""
+    path = Path(set_dir) / INDEX
+    if not path.is_file():
+        if not Path(set_dir).is_dir():
+            raise ShardSetError(f"{set_dir}: shard set not found")
+        raise ShardSetError(f"{set_dir}: shard set is incomplete (no {INDEX}); run its stage to completion")
+    index = json.loads(path.read_text(encoding="utf-8"))
+    if index.get("schema_version") != SCHEMA_VERSION:
+        raise ShardSetError(f"{path}: schema_version {index.get('schema_version')} is not {SCHEMA_VERSION}")
+    return index
+
+
+def shard_paths(set_dir: str | Path) -> list[Path]:
+    """The shard files of a complete shard set, in order."""
+    return [Path(set_dir) / s["name"] for s in read_index(set_dir)["shards"]]

@@ -1,0 +1,51 @@
+"""JMERE (EEGA release): a JSON list of ``{"token", "img_id", "label_list": [{"beg_ent", "sec_ent",
+"relation"}]}``. Entities are the distinct (span, type) of all listed pairs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from mie.shards.sources import Item, Record, Reject, SourceError, image_path
+
+
+def read(path: Path, image_dir: Path | None, options: dict[str, str]) -> Iterator[Record]:
+    """Yield one Item per sentence: ``entities`` (start, end exclusive, type) and ``relations``
+    (quintuples ``head, head_type, tail, tail_type, relation``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise SourceError(f"{path}: expected a JSON list of sentences, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        where = f"{path}:item {i}"
+        try:
+            labels = _labels(rec)
+        except (ValueError, TypeError, KeyError) as e:
+            yield Reject(where, f"malformed JMERE item: {type(e).__name__}: {e}", str(i))
+            continue
+        yield Item(str(i), rec["token"], where, labels=labels, image=image_path(image_dir, rec["img_id"]))
+
+
+def _labels(rec: Any) -> dict:
+    tokens = rec["token"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ValueError("'token' must be a non-empty list of strings")
+    if not isinstance(rec["img_id"], str):
+        raise TypeError("'img_id' must be a string")
+    entities: dict[tuple, dict] = {}
+    relations = []
+    for pair in rec["label_list"]:
+        ends = []
+        for k in ("beg_ent", "sec_ent"):
+            e = pair[k]
+            s, end = e["pos"]
+            if not (isinstance(s, int) and isinstance(end, int) and 0 <= s < end <= len(tokens)):
+                raise ValueError(f"'{k}.pos' {e['pos']} is outside the {len(tokens)} tokens")
+            entities.setdefault((s, end, e["tags"]), {"start": s, "end": end, "type": e["tags"], "text": " ".join(tokens[s:end])})
+            ends.append((s, end, e["tags"]))
+        (hs, he, ht), (ts, te, tt) = ends
+        relations.append({"head": [hs, he], "head_type": ht, "tail": [ts, te], "tail_type": tt, "relation": pair["relation"]})
+    return {"entities": sorted(entities.values(), key=lambda e: (e["start"], e["end"])), "relations": relations,
+            "img_id": rec["img_id"]}
