@@ -101,7 +101,7 @@ def _apply_override(data: dict, override: str, source: str) -> None:
     key, sep, raw = override.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override '{override}': expected key=value")
+        raise ConfigError(f"{source}: override '{override}': expected key=value")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -111,7 +111,7 @@ def _apply_override(data: dict, override: str, source: str) -> None:
     for i, part in enumerate(parts[:-1]):
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override '{override}': '{'.'.join(parts[: i + 1])}' is not a table")
+            raise ConfigError(f"{source}: override '{override}': '{'.'.join(parts[: i + 1])}' is not a table")
         node = nxt
     node[parts[-1]] = value
 

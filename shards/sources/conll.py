@@ -55,9 +55,12 @@ def read_conll(path: Path) -> Iterator[tuple[str, str, list[str], list[str]] | R
             yield imgid, where, tokens, tags
 
 
-def bio_spans(tags: list[str]) -> list[tuple[int, int, str]]:
-    """Entity chunks ``(start, end_exclusive, type)`` as conlleval / seqeval (default mode) find them:
-    a stray ``I-X`` after ``O`` or another type opens a chunk, as the official scorers count it."""
+def bio_spans(tags: list[str], stray_i_opens: bool = True) -> list[tuple[int, int, str]]:
+    """Entity chunks ``(start, end_exclusive, type)``.
+
+    With ``stray_i_opens`` (conlleval / seqeval default mode, the Twitter-2015/2017 scorers) an ``I-X``
+    after ``O`` or another type opens a chunk; without it only ``B-X`` does, as the GMNER release counts
+    its entities (v1 test: 2542 by B- tags, one stray I- more by seqeval)."""
     spans, start, kind = [], None, None
     for i, tag in enumerate(list(tags) + ["O"]):
         prefix, _, t = tag.partition("-")
@@ -65,14 +68,14 @@ def bio_spans(tags: list[str]) -> list[tuple[int, int, str]]:
         if ends:
             spans.append((start, i, kind))
             start, kind = None, None
-        if prefix == "B" or (prefix == "I" and start is None):
+        if prefix == "B" or (prefix == "I" and start is None and stray_i_opens):
             start, kind = i, t
     return spans
 
 
-def ner_labels(tokens: list[str], tags: list[str]) -> dict:
+def ner_labels(tokens: list[str], tags: list[str], stray_i_opens: bool = True) -> dict:
     """The ``json`` labels of a tagged post: raw BIO ``tags`` and ``entities`` (end exclusive)."""
     return {
         "tags": tags,
-        "entities": [{"start": s, "end": e, "type": t, "text": " ".join(tokens[s:e])} for s, e, t in bio_spans(tags)],
+        "entities": [{"start": s, "end": e, "type": t, "text": " ".join(tokens[s:e])} for s, e, t in bio_spans(tags, stray_i_opens)],
     }

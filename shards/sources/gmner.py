@@ -22,7 +22,7 @@ def read(path: Path, image_dir: Path | None, options: dict[str, str]) -> Iterato
             yield rec
             continue
         imgid, where, tokens, tags = rec
-        labels = ner_labels(tokens, tags)
+        labels = ner_labels(tokens, tags, stray_i_opens=False)
         xml = xml_dir / f"{imgid}.xml"
         size = None
         objects: list[tuple[str, list[float]]] = []

@@ -1,5 +1,6 @@
-"""JMERE (EEGA release): a JSON list of ``{"token", "img_id", "label_list": [{"beg_ent", "sec_ent",
-"relation"}]}``. Entities are the distinct (span, type) of all listed pairs."""
+"""JMERE (EEGA release): a JSON list of ``{"token", "img_id", "label_list": [[{"beg_ent", "sec_ent",
+"relation"}], ...]}`` (each pair in a one-element list, as EEGA's loader unwraps it with
+``triple[0]``; unwrapped pairs are accepted too). Entities are the distinct (span, type) of all pairs."""
 from __future__ import annotations
 
 import json
@@ -37,6 +38,8 @@ def _labels(rec: Any) -> dict:
     entities: dict[tuple, dict] = {}
     relations = []
     for pair in rec["label_list"]:
+        if isinstance(pair, list):  # the official files wrap each pair in a one-element list
+            (pair,) = pair
         ends = []
         for k in ("beg_ent", "sec_ent"):
             e = pair[k]
