@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from mie.launch import config as config_lib
 from mie.launch.dist import world_info_from_env
+from mie.launch.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,6 @@ def packaged_config(path: str) -> Path:
 
     shipped = Path(mie.configs.__file__).parent / path
     return shipped if shipped.exists() else p
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from mie.shards.schema import ShardSetError
-    from mie.shards.sources import SourceError
-    from mie.shards.writer import ConfigMismatch
-
-    return config_lib.ConfigError, SourceError, ShardSetError, ConfigMismatch
 
 
 def run_stage(stage: Stage, args: list[str]) -> Any:
@@ -98,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run_stage(args.stage_obj, args.args)
-    except _known_errors() as e:
+    except UserError as e:
         print(f"mie: error: {e}", file=sys.stderr)
         return 2
     return 0

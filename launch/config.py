@@ -18,10 +18,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import tomli_w
 
+from mie.launch.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem, stated in one line: file, key, reason."""
 
 

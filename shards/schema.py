@@ -2,7 +2,27 @@
 
 A shard set is a directory of ``shard-%06d.tar`` files, an ``index.json`` that lists them with
 their sha256 (written last: a set without it is not complete), and ``rejects.jsonl``. See the shard
-schema table in DESIGN.md for the fields of a sample.
+schema table in DESIGN.md for the fields of a sample. The fields added by the enrichment stages:
+
+``gen.jpg`` (backtranslate)
+    JPEG regenerated from ``txt``.
+``det.json`` (pseudolabel)
+    ``{"<view>": {"boxes": [[x1, y1, x2, y2], ...], "scores": [...], "classes": [...]}}`` for each
+    view (``jpg``, ``gen.jpg``) present: the top-K detections, boxes in pixels of that stored image,
+    best first.
+``ents.json`` (pseudolabel)
+    ``{"candidates": [{"text", "start", "end", "kind", "vocab_id"}], "relation_prompt_ids": [...]}``:
+    spaCy candidates of this post (token offsets, end exclusive; ``vocab_id`` indexes the set's
+    ``vocab.json`` entities, -1 when not in the top-M).
+``soft.npz`` (pseudolabel)
+    ``numpy.savez`` arrays per view ``v`` in {``jpg``, ``gen``}: ``v_obj_ent`` (K×M float32,
+    object → entity-prompt distribution over the ``vocab.json`` entities, rows in ``det.json`` order),
+    ``v_obj_mask`` (K bool, True = row kept: top probability ≥ threshold), ``v_rel`` (R float32,
+    image → relation-prompt distribution), ``v_rel_mask`` (bool), ``v_itm`` (float32 text–image
+    match score).
+
+A pseudo-labelled set also holds ``vocab.json``: ``{"entities": [M strings], "entity_prompts":
+[...], "relations": [R names], "relation_prompts": [...]}``.
 """
 from __future__ import annotations
 
@@ -10,6 +30,8 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+
+from mie.launch.errors import UserError
 
 SCHEMA_VERSION = 1
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -25,7 +47,7 @@ def sample_key(source: str, split: str, original_id: str) -> str:
     return f"{_UNSAFE.sub('_', source)}-{_UNSAFE.sub('_', split)}-{_UNSAFE.sub('_', original_id)}"
 
 
-class ShardSetError(Exception):
+class ShardSetError(UserError):
     """A shard set that is missing or incomplete, in one line."""
 
 

@@ -23,10 +23,11 @@ from typing import Any, Iterable
 
 import webdataset as wds
 
+from mie.launch.errors import UserError
 from mie.shards.schema import INDEX, REJECTS, SCHEMA_VERSION, SHARD_PATTERN
 
 
-class ConfigMismatch(Exception):
+class ConfigMismatch(UserError):
     """The output directory holds a shard set made with another config."""
 
 

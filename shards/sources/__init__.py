@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mie.launch.errors import UserError
+
 
 @dataclass
 class Item:
@@ -29,7 +31,7 @@ class Reject:
     id: str | None = None
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """A problem with the corpus as a whole (missing split file), stated in one line."""
 
 
