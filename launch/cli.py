@@ -26,6 +26,8 @@ class Stage:
     config_class: str
     use_array: bool = False  # offline shard stages treat a SLURM array as one world
     config_optional: bool = False  # all keys have defaults
+    tasks: tuple[str, ...] = ()  # a TASK positional before CONFIG, passed as the override task=TASK
+    own_args: bool = False  # the module parses its own arguments: module.cli(argv)
 
 
 STAGES = [
@@ -52,6 +54,8 @@ def run_stage(stage: Stage, args: list[str]) -> Any:
     import importlib
 
     module = importlib.import_module(stage.module)
+    if stage.own_args:
+        return module.cli(args)
     cls = getattr(module, stage.config_class)
     path = None
     if args and "=" not in args[0]:
@@ -80,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     + ", ".join(s.name for s in STAGES if s.group == stage.group))
                 groups[stage.group] = gp.add_subparsers(dest="stage", metavar="STAGE", required=True)
             sub = groups[stage.group].add_parser(stage.name, help=stage.help, description=stage.help)
+        if stage.own_args:
+            sub.add_argument("args", nargs=argparse.REMAINDER, help=f"see: mie {stage.name} -h")
+            sub.set_defaults(stage_obj=stage)
+            continue
+        if stage.tasks:
+            sub.add_argument("task", choices=stage.tasks, metavar="TASK", help=" | ".join(stage.tasks))
         cfg_help = "TOML config (optional)" if stage.config_optional else "TOML config"
         sub.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help=f"{cfg_help}, then dotted overrides")
         sub.set_defaults(stage_obj=stage)
@@ -89,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mie`` console script."""
     args = build_parser().parse_args(argv)
+    extra = [f"task={args.task}"] if getattr(args, "task", None) else []
     try:
-        run_stage(args.stage_obj, args.args)
+        run_stage(args.stage_obj, args.args + extra)
     except UserError as e:
         print(f"mie: error: {e}", file=sys.stderr)
         return 2
