@@ -19,7 +19,7 @@ from mie.launch.log import RunLogger, progress
 from mie.shards.images import ImageError, reencode
 from mie.shards.schema import sample_key
 from mie.shards.sources import DEFAULT_SPLIT_FILES, Item, Record, Reject, SourceError, reader
-from mie.shards.writer import ShardSetWriter
+from mie.shards.writer import ConfigMismatch, ShardSetWriter, sha256_file
 
 Format = Literal["twitter", "gmner", "mnre", "jmere", "newsclippings", "jsonl"]
 
@@ -68,13 +68,14 @@ def main(cfg: BuildConfig, env: DistEnv) -> dict[str, dict[str, Any]]:
     image_dir = _image_dir(src)
     log = RunLogger(env)
     if env.is_main:
-        config_lib.save(cfg, out / "config.toml")
+        _save_config(cfg, out / "config.toml")
     indexes = {}
     for split, path in split_files.items():
         records = _dedupe(reader(src.format)(path, image_dir, src.options), name, split)
         n = cfg.output.samples_per_shard
         units = [records[i:i + n] for i in range(0, len(records), n)]
-        writer = ShardSetWriter(out / split, "build", config_lib.to_dict(cfg), len(units))
+        writer = ShardSetWriter(out / split, "build", {**_fingerprint(cfg), "input_sha256": sha256_file(path)},
+                                len(units))
         todo = [i for i in range(env.rank, len(units), env.world_size) if not writer.is_done(i)]
         log.info(f"{name}/{split}: {len(records)} input items, {len(units)} shards, "
                  f"{len(todo)} to write on rank {env.rank}")
@@ -97,6 +98,27 @@ def main(cfg: BuildConfig, env: DistEnv) -> dict[str, dict[str, Any]]:
                  f"{index['rejected']} rejected, {index['stats'].get('missing_images', 0)} missing images "
                  f"→ {out / split}")
     return indexes
+
+
+def _save_config(cfg: BuildConfig, path: Path) -> None:
+    """Write ``config.toml``, refusing (before anything of the set is touched) when the directory holds
+    shards of a config that gives other bytes; a re-run of the same config rewrites nothing."""
+    if path.is_file():
+        if path.read_text(encoding="utf-8") == config_lib.dumps(cfg):
+            return
+        if _fingerprint(config_lib.load(BuildConfig, path)) != _fingerprint(cfg):
+            raise ConfigMismatch(f"{path.parent}: holds shards made with another config ({path} differs); "
+                                 "use a new output directory or delete this one")
+    config_lib.save(cfg, path)
+
+
+def _fingerprint(cfg: BuildConfig) -> dict[str, Any]:
+    """The part of the config the shard bytes depend on: not where the corpus or output lives (the
+    split file's sha256 is added per split) nor how many workers encode it."""
+    d = config_lib.to_dict(cfg)
+    for section, key in (("source", "root"), ("source", "image_dir"), ("output", "dir"), ("output", "workers")):
+        d[section].pop(key)
+    return d
 
 
 def _split_files(src: SourceConfig) -> dict[str, Path]:

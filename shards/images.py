@@ -5,7 +5,7 @@ import io
 import warnings
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 
 class ImageError(ValueError):
@@ -18,7 +18,13 @@ def reencode(path: Path, max_side: int, quality: int) -> tuple[bytes, list[int],
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                im.load()  # decode fully now, so a truncated file fails here and not in a later stage
+                # Decode fully now, so a truncated file fails here and not in a later stage, whatever
+                # another library in this process set PIL's global tolerance to.
+                tolerant, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+                try:
+                    im.load()
+                finally:
+                    ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
                 size = [im.width, im.height]
                 rgb = im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -69,8 +69,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, _json_bytes(obj))
 
 
 def sha256_file(path: Path) -> str:
@@ -114,9 +118,9 @@ class ShardSetWriter:
         return json.loads(part.read_text(encoding="utf-8"))["sha256"] == sha256_file(tar)
 
     def clean_temp(self, i: int) -> None:
-        """Remove temp files a killed run left for unit ``i``."""
+        """Remove temp files a killed run left for unit ``i`` (its tar's and its part's)."""
         name = SHARD_PATTERN.format(i)
-        for tmp in self.dir.glob(f"{name}.*.tmp"):
+        for tmp in [*self.dir.glob(f"{name}.*.tmp"), *self.parts.glob(f"{self._part_path(i).name}.*.tmp")]:
             tmp.unlink(missing_ok=True)
 
     def commit(self, i: int, samples: Iterable[dict[str, Any]], rejects: list[dict[str, Any]],
@@ -147,15 +151,23 @@ class ShardSetWriter:
                 rejects.extend(part["rejects"])
                 for k, v in part["stats"].items():
                     stats[k] = stats.get(k, 0) + v
-            atomic_write_bytes(self.dir / REJECTS, "".join(
+            _write_if_changed(self.dir / REJECTS, "".join(
                 json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects).encode("utf-8"))
             index = {
                 "schema_version": SCHEMA_VERSION, "stage": self.stage, "config": self.config,
                 "shards": [{"name": p["name"], "samples": p["samples"], "sha256": p["sha256"]} for p in parts],
                 "total": sum(p["samples"] for p in parts), "rejected": len(rejects), "stats": stats,
             }
-            atomic_write_json(self.dir / INDEX, index)
+            # Index last: it marks the set complete. A re-run of a complete set rewrites nothing.
+            _write_if_changed(self.dir / INDEX, _json_bytes(index))
             return index
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """``atomic_write_bytes`` unless ``path`` already holds exactly ``data``."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    atomic_write_bytes(path, data)
 
 
 @contextmanager

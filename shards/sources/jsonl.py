@@ -33,5 +33,8 @@ def read(path: Path, image_dir: Path | None, options: dict[str, str]) -> Iterato
                 yield Reject(where, "empty post: 'text' is blank", str(rec["id"]))
                 continue
             image = rec.get("image")
+            if image is not None and not isinstance(image, str):
+                yield Reject(where, "'image' must be a string (a path)", str(rec["id"]))
+                continue
             labels = {k: v for k, v in rec.items() if k not in ("id", "text", "image")}
             yield Item(str(rec["id"]), tokens, where, labels=labels, image=base / image if image else None)

@@ -20,7 +20,11 @@ def read(path: Path, image_dir: Path | None, options: dict[str, str]) -> Iterato
     captions_file = Path(options["captions"]) if "captions" in options else (image_dir / "data.json" if image_dir else None)
     if captions_file is None:
         raise SourceError("newsclippings: set source.image_dir (VisualNews origin folder) or source.options.captions")
-    records = {str(r["id"]): r for r in _load_json(captions_file, list)}
+    data = _load_json(captions_file, list)
+    try:
+        records = {str(r["id"]): r for r in data}
+    except (KeyError, TypeError):
+        raise SourceError(f"{captions_file}: expected a list of VisualNews records, each an object with an 'id'") from None
     annotations = _load_json(path, dict).get("annotations")
     if not isinstance(annotations, list):
         raise SourceError(f"{path}: expected {{\"annotations\": [...]}}")
