@@ -35,6 +35,14 @@ STAGES = [
           "mie.shards.toy", "ToyConfig", config_optional=True),
     Stage("shards", "build", "turn a corpus (twitter|gmner|mnre|jmere|newsclippings|jsonl) into WebDataset shards",
           "mie.shards.build", "BuildConfig", use_array=True),
+    Stage("shards", "tiny-diffusion", "build a tiny Stable Diffusion pipeline from configs (tests, quickstart)",
+          "mie.shards.tiny_diffusion", "TinyDiffusionConfig", config_optional=True),
+    Stage("shards", "backtranslate", "add gen.jpg: an image regenerated from each post's text (diffusers)",
+          "mie.shards.backtranslate", "BacktranslateConfig", use_array=True),
+    Stage("shards", "pseudolabel", "add YOLO boxes, spaCy entity candidates and open_clip soft labels to a shard set",
+          "mie.shards.pseudolabel", "PseudolabelConfig", use_array=True),
+    Stage("shards", "inspect", "draw N samples of a shard set (images, boxes, entity and relation prompts) as a PNG",
+          "mie.shards.inspect", "InspectConfig", own_args=True),
 ]
 
 

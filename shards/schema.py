@@ -8,21 +8,27 @@ schema table in DESIGN.md for the fields of a sample. The fields added by the en
     JPEG regenerated from ``txt``.
 ``det.json`` (pseudolabel)
     ``{"<view>": {"boxes": [[x1, y1, x2, y2], ...], "scores": [...], "classes": [...]}}`` for each
-    view (``jpg``, ``gen.jpg``) present: the top-K detections, boxes in pixels of that stored image,
-    best first.
+    view of the stage's ``views`` (``jpg``, ``gen.jpg``; one the sample lacks has empty lists): the
+    top-K detections, boxes in pixels of that stored image, best first.
 ``ents.json`` (pseudolabel)
     ``{"candidates": [{"text", "start", "end", "kind", "vocab_id"}], "relation_prompt_ids": [...]}``:
-    spaCy candidates of this post (token offsets, end exclusive; ``vocab_id`` indexes the set's
-    ``vocab.json`` entities, -1 when not in the top-M).
+    spaCy candidates of this post (token offsets, end exclusive; ``kind`` ent|propn|chunk; ``vocab_id``
+    indexes the set's ``vocab.json`` entities, -1 when not in the top-M); ``relation_prompt_ids``: ids
+    into ``vocab.json`` relations, best first by image → relation probability averaged over the kept
+    ``v_rel`` rows (top ``soft.relation_top_k``; empty when none is kept).
 ``soft.npz`` (pseudolabel)
-    ``numpy.savez`` arrays per view ``v`` in {``jpg``, ``gen``}: ``v_obj_ent`` (K×M float32,
-    object → entity-prompt distribution over the ``vocab.json`` entities, rows in ``det.json`` order),
+    ``numpy.load``-able arrays per view ``v`` in {``jpg``, ``gen``} of the stage's ``views``: ``v_obj_ent``
+    (K×M float32, object → entity-prompt distribution over the ``vocab.json`` entities, rows in
+    ``det.json`` order; with ``soft.over = "post"``, the default, only the post's own in-vocabulary
+    candidates get probability, and a post without any has all-zero, masked rows),
     ``v_obj_mask`` (K bool, True = row kept: top probability ≥ threshold), ``v_rel`` (R float32,
     image → relation-prompt distribution), ``v_rel_mask`` (bool), ``v_itm`` (float32 text–image
-    match score).
+    match score: cosine of the open_clip image and text embeddings). A view the sample lacks has
+    K = 0, ``v_rel`` all zero and ``v_rel_mask`` False.
 
 A pseudo-labelled set also holds ``vocab.json``: ``{"entities": [M strings], "entity_prompts":
-[...], "relations": [R names], "relation_prompts": [...]}``.
+[M lists, one prompt per template], "relations": [R names], "relation_prompts": [R lists, one prompt
+per template]}``.
 """
 from __future__ import annotations
 

@@ -36,11 +36,15 @@ def read_tar(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def map_shard_set(in_dir: str | Path, out_dir: str | Path, stage: str, config: dict[str, Any], env: DistEnv,
-                  fn: BatchFn, batch_size: int, log: RunLogger | None = None) -> dict[str, Any] | None:
+                  fn: BatchFn, batch_size: int, log: RunLogger | None = None,
+                  counters: dict[str, int] | None = None) -> dict[str, Any] | None:
     """Apply ``fn`` in batches to every sample of the shard set ``in_dir``, writing ``out_dir``.
 
     ``config`` is what the outputs depend on (its hash guards against mixing two configs in one set).
+    ``counters`` are totals that ``fn`` adds to (e.g. model evaluations); each shard's share goes into
+    its stats, summed in the index.
     Returns the output index when this call completed the set, else None (other ranks still working)."""
+    counters = {} if counters is None else counters
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     log = log or RunLogger(env)
     src = read_index(in_dir)
@@ -51,6 +55,7 @@ def map_shard_set(in_dir: str | Path, out_dir: str | Path, stage: str, config: d
     bar = progress(None, env, stage, total=sum(shards[i]["samples"] for i in todo), unit="sample")
     for i in todo:
         out_samples, rejects = [], []
+        before = dict(counters)
         batch: list[dict[str, Any]] = []
 
         def flush() -> None:
@@ -68,7 +73,8 @@ def map_shard_set(in_dir: str | Path, out_dir: str | Path, stage: str, config: d
                 flush()
         if batch:
             flush()
-        writer.commit(i, out_samples, rejects, {"input_samples": shards[i]["samples"]})
+        writer.commit(i, out_samples, rejects, {"input_samples": shards[i]["samples"],
+                                                **{k: v - before.get(k, 0) for k, v in counters.items()}})
     bar.close()
     index = writer.finalize()
     if index is not None:
