@@ -43,6 +43,10 @@ STAGES = [
           "mie.shards.pseudolabel", "PseudolabelConfig", use_array=True),
     Stage("shards", "inspect", "draw N samples of a shard set (images, boxes, entity and relation prompts) as a PNG",
           "mie.shards.inspect", "InspectConfig", own_args=True),
+    Stage(None, "pretrain", "alignment pretraining under DeepSpeed (ITC, ITM, entity-object, relation-image)",
+          "mie.pretrain.train", "PretrainConfig"),
+    Stage(None, "export", "publish a pretraining run's backbone: RUN --out DIR (safetensors, config, tokenizer, card)",
+          "mie.pretrain.export", "", own_args=True),
 ]
 
 

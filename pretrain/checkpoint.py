@@ -1,0 +1,228 @@
+"""Checkpoints: DeepSpeed's own files plus what an exact resume needs, written so a kill never leaves a
+checkpoint that looks complete but is not.
+
+``<out>/checkpoints/step_%08d/`` holds, per save:
+
+* DeepSpeed's files, written by ``engine.save_checkpoint`` on every rank (model states on rank 0, a ZeRO
+  optimizer shard per rank);
+* ``mie_rank%05d.pt`` per rank: the loader position and every RNG state (tensors and plain data only, read
+  back with ``torch.load(weights_only=True)``);
+* ``mie_meta.json``: step, resolved config, git revision, data stats, last losses.
+
+``latest`` (DeepSpeed's file name, so ``engine.load_checkpoint`` finds it) is replaced by rename only after
+every rank has finished writing; a save cut short is a directory ``latest`` never names, overwritten or
+pruned later. The :class:`Checkpointer` decides itself when to save: every ``every_steps`` steps and every
+``every_minutes`` minutes (rank 0's clock, broadcast, so every rank saves at the same step).
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mie.launch.dist import DistEnv
+from mie.launch.errors import UserError
+from mie.launch.log import RunLogger
+from mie.shards.writer import atomic_write_bytes, atomic_write_json
+
+LATEST = "latest"
+
+
+class ResumeError(UserError):
+    """A resume that cannot be done as asked, in one line."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # 0 = never by step count
+    every_minutes: float = 30.0  # 0 = never by time
+    keep_last: int = 3
+    resume: str = "auto"  # auto: continue from `latest` if there is one | never | a checkpoint directory
+
+    def validate(self) -> None:
+        if self.every_steps < 0 or self.every_minutes < 0 or self.keep_last < 1:
+            raise ValueError("every_steps/every_minutes: must be >= 0, keep_last >= 1")
+
+
+def git_revision() -> str:
+    """``<commit>[-dirty]`` of the checkout mie runs from, or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state of this process, as tensors and plain data."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint that ``ckpt_dir/latest`` names, or None."""
+    path = ckpt_dir / LATEST
+    if not path.is_file():
+        return None
+    return ckpt_dir / path.read_text(encoding="utf-8").strip()
+
+
+def find_resume(cfg: CheckpointConfig, out: Path, env: DistEnv, config: dict[str, Any]) -> Path | None:
+    """The checkpoint this run continues from (None: a fresh start), checked before anything is built:
+    ``auto`` takes ``latest`` if there is one, ``never`` refuses a directory that holds checkpoints, a path
+    must be a complete checkpoint of the same world size and model config (``config`` is this run's,
+    resolved)."""
+    found = latest_checkpoint(Path(out) / "checkpoints")
+    if cfg.resume == "never":
+        if found is not None:
+            raise ResumeError(f"{out}/checkpoints: holds checkpoints (latest {found.name}); set checkpoint.resume=auto "
+                              "to continue them, or use another out directory")
+        return None
+    path = found if cfg.resume == "auto" else Path(cfg.resume)
+    if path is None:
+        return None
+    for need in ("mie_meta.json", f"mie_rank{env.rank:05d}.pt"):
+        if not (path / need).is_file():
+            raise ResumeError(f"checkpoint.resume: {path}: not a complete mie checkpoint (no {need})")
+    meta = json.loads((path / "mie_meta.json").read_text(encoding="utf-8"))
+    if meta.get("world_size") != env.world_size:
+        raise ResumeError(f"checkpoint.resume: {path} was written by {meta.get('world_size')} ranks, this run has "
+                          f"{env.world_size}; an exact resume needs the same world size")
+    diff = _first_difference(meta.get("config", {}).get("model"), config.get("model"), "model")
+    if diff:
+        raise ResumeError(f"checkpoint.resume: {path} holds another model ({diff}); use another out directory")
+    return path
+
+
+def changed_settings(path: Path, config: dict[str, Any]) -> list[str]:
+    """Settings (other than max_steps, checkpoint and log) that differ from the checkpoint's run: each one
+    makes the resumed run something other than an exact continuation."""
+    saved = json.loads((path / "mie_meta.json").read_text(encoding="utf-8")).get("config", {})
+    keys = sorted((set(saved) | set(config)) - {"max_steps", "checkpoint", "log", "out"})
+    return [d for k in keys if (d := _first_difference(saved.get(k), config.get(k), k))]
+
+
+def _first_difference(a: Any, b: Any, where: str) -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{where}.{k}")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{where}: {a!r} then, {b!r} now"
+
+
+class Checkpointer:
+    """Saves and restores a DeepSpeed engine with the loader position and RNG states."""
+
+    def __init__(self, engine, cfg: CheckpointConfig, out: Path, env: DistEnv, log: RunLogger,
+                 meta: dict[str, Any]):
+        self.engine, self.cfg, self.env, self.log = engine, cfg, env, log
+        self.dir = Path(out) / "checkpoints"
+        self.meta = meta
+        self.last: Path | None = None  # the last complete checkpoint
+        self._since = time.monotonic()
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names, or None."""
+        return latest_checkpoint(self.dir)
+
+    def resume(self, path: Path | None) -> tuple[int, dict[str, Any] | None, dict[str, Any] | None]:
+        """Load checkpoint ``path`` (from :func:`find_resume`) into the engine: ``(step, loader state, RNG
+        state)``, or ``(0, None, None)`` for a fresh start."""
+        if path is None:
+            return 0, None, None
+        loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise ResumeError(f"checkpoint.resume: DeepSpeed found no checkpoint in {path}")
+        state = torch.load(path / f"mie_rank{self.env.rank:05d}.pt", map_location="cpu", weights_only=True)
+        self.last = path
+        self.log.info(f"resumed from {path} (step {state['step']})")
+        return int(state["step"]), state["loader"], state["rng"]
+
+    def due(self, step: int) -> bool:
+        """Whether to save after ``step``: the same answer on every rank."""
+        by_steps = self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
+        by_time = self.cfg.every_minutes > 0 and time.monotonic() - self._since >= 60 * self.cfg.every_minutes
+        if self.env.world_size > 1 and self.cfg.every_minutes > 0:
+            flag = torch.tensor([float(by_time)], device=_comm_device())
+            dist.broadcast(flag, src=0)  # rank 0's clock decides, or ranks would disagree and hang
+            by_time = bool(flag.item())
+        return by_steps or by_time
+
+    def save(self, step: int, loader_state: dict[str, Any], extra: dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` on every rank, then (rank 0) point ``latest`` at it and prune old ones."""
+        tag = tag_of(step)
+        path = self.dir / tag
+        path.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(self.dir), tag=tag, client_state={"step": step}, save_latest=False)
+        rank_file = path / f"mie_rank{self.env.rank:05d}.pt"
+        tmp = rank_file.with_name(rank_file.name + ".tmp")
+        torch.save({"step": step, "loader": loader_state, "rng": rng_state()}, tmp)
+        tmp.replace(rank_file)
+        _barrier()
+        if self.env.is_main:
+            atomic_write_json(path / "mie_meta.json", {**self.meta, **extra, "step": step,
+                                                       "world_size": self.env.world_size, "time": time.time()})
+            atomic_write_bytes(self.dir / LATEST, tag.encode())
+            self._prune(keep=path)
+        _barrier()
+        self.last = path
+        self._since = time.monotonic()
+        self.log.info(f"checkpoint {path}")
+        return path
+
+    def _prune(self, keep: Path) -> None:
+        tags = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
+        complete = [p for p in tags if (p / "mie_meta.json").is_file()]
+        for old in complete[: max(0, len(complete) - self.cfg.keep_last)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        # Directories of saves that never completed and lie behind the newest complete one.
+        for p in tags:
+            if not (p / "mie_meta.json").is_file() and p.name < keep.name:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
