@@ -88,14 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for stage in STAGES:
+        kw = dict(help=stage.help, description=stage.help)
         if stage.group is None:
-            sub = top.add_parser(stage.name, help=stage.help, description=stage.help)
+            sub = top.add_parser(stage.name, **kw)
         else:
             if stage.group not in groups:
                 gp = top.add_parser(stage.group, help=f"{stage.group} stages: "
                                     + ", ".join(s.name for s in STAGES if s.group == stage.group))
                 groups[stage.group] = gp.add_subparsers(dest="stage", metavar="STAGE", required=True)
-            sub = groups[stage.group].add_parser(stage.name, help=stage.help, description=stage.help)
+            sub = groups[stage.group].add_parser(stage.name, **kw)
         if stage.own_args:
             sub.add_argument("args", nargs=argparse.REMAINDER, help=f"see: mie {stage.name} -h")
             sub.set_defaults(stage_obj=stage)
@@ -108,8 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _own_args_stage(argv: list[str]) -> tuple[Stage, list[str]] | None:
+    for stage in STAGES:
+        words = [stage.name] if stage.group is None else [stage.group, stage.name]
+        if stage.own_args and argv[: len(words)] == words:
+            return stage, argv[len(words):]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mie`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    own = _own_args_stage(argv)
+    if own is not None:  # hand its argv over untouched, -h included
+        stage, rest = own
+        try:
+            run_stage(stage, rest)
+        except UserError as e:
+            print(f"mie: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     args = build_parser().parse_args(argv)
     extra = [f"task={args.task}"] if getattr(args, "task", None) else []
     try:
