@@ -24,6 +24,7 @@ from mie.launch.dist import DistEnv
 from mie.launch.errors import UserError
 from mie.launch.log import RunLogger
 from mie.shards.schema import read_index
+from mie.shards.sources import load_json
 from mie.shards.stage import read_tar
 from mie.shards.writer import ConfigMismatch, atomic_write_json
 
@@ -302,14 +303,9 @@ def _write_vocab(path: Path, vocab: dict[str, Any]) -> None:
 
 
 def _reuse_vocab(src: Path, out_dir: Path) -> dict[str, Any]:
-    if not src.is_file():
-        raise EntityError(f"entities.vocab_from: {src} not found")
-    try:
-        vocab = json.loads(src.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EntityError(f"entities.vocab_from: {src}:{e.lineno}: not valid JSON ({e.msg})") from None
+    vocab = load_json(src, dict, EntityError, "entities.vocab_from")
     keys = ("entities", "entity_prompts", "relations", "relation_prompts")
-    if not isinstance(vocab, dict) or any(not isinstance(vocab.get(k), list) for k in keys):
+    if any(not isinstance(vocab.get(k), list) for k in keys):
         raise EntityError(f"entities.vocab_from: {src}: expected a {VOCAB} with lists {', '.join(keys)}")
     for names, lists in (("entities", "entity_prompts"), ("relations", "relation_prompts")):
         if len(vocab[names]) != len(vocab[lists]) or len({len(p) for p in vocab[lists]}) > 1 \

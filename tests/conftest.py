@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +128,21 @@ def twitter_corpus(tmp_path: Path) -> tuple[Path, Path]:
     """A small Twitter-format corpus with real images (some larger than the shard max side)."""
     sizes = {1: (120, 40), 4: (50, 90), 9: (33, 33)}
     return make_twitter_corpus(tmp_path / "corpus", {"train": 7, "dev": 3, "test": 2}, image_sizes=sizes)
+
+
+def kill_after_first_part(args: list[str], parts: Path, timeout: float = 120, **popen) -> None:
+    """Run ``mie ARGS`` in a subprocess and SIGKILL it as soon as a part file (a committed shard)
+    appears in ``parts``: the kill lands mid-set, after one unit is complete."""
+    proc = subprocess.Popen([sys.executable, "-m", "mie.launch.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, **{"env": clean_env(), **popen})
+    deadline = time.time() + timeout
+    try:
+        while not list(parts.glob("shard-*.json")):
+            assert proc.poll() is None, "the stage ended before any shard was committed"
+            assert time.time() < deadline, f"no shard committed in {timeout} s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL

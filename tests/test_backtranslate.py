@@ -3,17 +3,13 @@ from __future__ import annotations
 
 import io
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import tomli_w
 from PIL import Image
 
-from conftest import REPO, WORDS, clean_env, cli, jpeg_bytes, read_shards, tree_bytes
+from conftest import REPO, WORDS, cli, kill_after_first_part, jpeg_bytes, read_shards, tree_bytes
 from mie.launch import config as config_lib
 from mie.launch.dist import DistEnv
 from mie.launch.errors import UserError
@@ -169,15 +165,7 @@ def test_resume_after_kill(tmp_path, model_dir):
     cfg = write_config(tmp_path / "bt.toml", in_dir, model_dir, tmp_path / "out")
     run(cfg, f"output.dir={json.dumps(str(tmp_path / 'ref'))}")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "mie.launch.cli", "shards", "backtranslate", str(cfg)],
-                            env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_part = out / "_parts" / "shard-000000.json"
-    deadline = time.time() + 60
-    while not first_part.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert first_part.exists(), "the run never finished a shard"
+    kill_after_first_part(["shards", "backtranslate", str(cfg)], out / "_parts", cwd=REPO)
     assert not (out / "_parts" / "shard-000001.json").exists(), "the kill came too late to test anything"
     assert not (out / "index.json").exists(), "a killed run left a set that looks complete"
     # Damage the finished shard too: a tar whose sha256 no longer matches its part is not complete.

@@ -6,16 +6,14 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import (clean_env, cli, conll_text, jpeg_bytes, make_twitter_corpus, read_shards, tree_bytes,
+from conftest import (clean_env, cli, kill_after_first_part, conll_text, jpeg_bytes, make_twitter_corpus, read_shards, tree_bytes,
                       tweet_rows, write_build_config, write_jpeg)
 from mie.launch import config as config_lib
 from mie.launch.dist import DistEnv
@@ -229,20 +227,8 @@ def test_resume_after_kill(slow_corpus, tmp_path):
     n_units = len(json.loads((ref / "train" / "index.json").read_text())["shards"])
     assert n_units == 18
 
-    proc = subprocess.Popen([sys.executable, "-m", "mie.launch.cli", "shards", "build", str(slow_corpus)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
     parts = out / "train" / "_parts"
-    deadline = time.time() + 120
-    try:
-        while not list(parts.glob("shard-*.json")):
-            assert proc.poll() is None, "the build ended before any shard was seen"
-            assert time.time() < deadline, "no shard written in 120 s"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_first_part(["shards", "build", str(slow_corpus)], parts)
 
     d = out / "train"
     assert not (d / "index.json").exists()

@@ -12,10 +12,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,7 @@ import pytest
 import tomli_w
 from PIL import Image
 
-from conftest import clean_env, read_shards, tree_bytes
+from conftest import kill_after_first_part, read_shards, tree_bytes
 from mie.launch import cli as cli_mod
 from mie.launch import config as config_lib
 from mie.launch.dist import DistEnv
@@ -288,19 +284,7 @@ def test_resume_after_kill(world, ref, tmp_path):
     out = tmp_path / "killed"
     cfg_path = tmp_path / "killed.toml"
     cfg_path.write_text(tomli_w.dumps(cfg_dict(world, out)), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "mie.launch.cli", "shards", "pseudolabel", str(cfg_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
-    parts = out / "_parts"
-    deadline = time.time() + 120
-    try:
-        while not list(parts.glob("shard-*.json")):
-            assert proc.poll() is None, "the stage ended before any shard was seen"
-            assert time.time() < deadline, "no shard written in 120 s"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_after_first_part(["shards", "pseudolabel", str(cfg_path)], out / "_parts")
     assert not (out / "index.json").exists()
     done = sorted(out.glob("*.tar"))
     assert 1 <= len(done) < 6, "the kill did not land mid-set"

@@ -2,6 +2,8 @@
 and a :class:`Reject` per unusable one, so the build can account for every input item."""
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -64,6 +66,21 @@ DEFAULT_SPLIT_FILES: dict[str, dict[str, str]] = {
     "jsonl": {"train": "train.jsonl", "dev": "dev.jsonl", "test": "test.jsonl"},
 }
 FORMATS = tuple(DEFAULT_SPLIT_FILES)
+
+
+def load_json(path: Path, kind: type, error: type[UserError] = SourceError, key: str = "") -> Any:
+    """The JSON document at ``path``, which must be a ``kind`` (list or dict); otherwise ``error`` with
+    a one-line message naming the config ``key`` (if any), the file, the line and the reason."""
+    where = f"{key}: {path}" if key else str(path)
+    if not path.is_file():
+        raise error(f"{where}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, kind):
+        raise error(f"{where}: expected a JSON {kind.__name__}, got {type(data).__name__}")
+    return data
 
 
 def image_path(image_dir: Path | None, name: str) -> Path | None:

@@ -3,22 +3,16 @@
 ``triple[0]``; unwrapped pairs are accepted too). Entities are the distinct (span, type) of all pairs."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from mie.shards.sources import Item, Record, Reject, SourceError, image_path
+from mie.shards.sources import Item, Record, Reject, image_path, load_json
 
 
 def read(path: Path, image_dir: Path | None, options: dict[str, str]) -> Iterator[Record]:
     """Yield one Item per sentence: ``entities`` (start, end exclusive, type) and ``relations``
     (quintuples ``head, head_type, tail, tail_type, relation``)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise SourceError(f"{path}: expected a JSON list of sentences, got {type(data).__name__}")
+    data = load_json(path, list)
     for i, rec in enumerate(data):
         where = f"{path}:item {i}"
         try:

@@ -8,11 +8,10 @@ option ``captions`` names it.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
-from mie.shards.sources import Item, Record, Reject, SourceError
+from mie.shards.sources import Item, Record, Reject, SourceError, load_json
 
 
 def read(path: Path, image_dir: Path | None, options: dict[str, str]) -> Iterator[Record]:
@@ -20,12 +19,12 @@ def read(path: Path, image_dir: Path | None, options: dict[str, str]) -> Iterato
     captions_file = Path(options["captions"]) if "captions" in options else (image_dir / "data.json" if image_dir else None)
     if captions_file is None:
         raise SourceError("newsclippings: set source.image_dir (VisualNews origin folder) or source.options.captions")
-    data = _load_json(captions_file, list)
+    data = load_json(captions_file, list)
     try:
         records = {str(r["id"]): r for r in data}
     except (KeyError, TypeError):
         raise SourceError(f"{captions_file}: expected a list of VisualNews records, each an object with an 'id'") from None
-    annotations = _load_json(path, dict).get("annotations")
+    annotations = load_json(path, dict).get("annotations")
     if not isinstance(annotations, list):
         raise SourceError(f"{path}: expected {{\"annotations\": [...]}}")
     for i, ann in enumerate(annotations):
@@ -49,14 +48,3 @@ def read(path: Path, image_dir: Path | None, options: dict[str, str]) -> Iterato
             continue
         yield Item(f"{cid}_{iid}", tokens, where, labels=labels, image=image)
 
-
-def _load_json(path: Path, kind: type):
-    if not path.is_file():
-        raise SourceError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, kind):
-        raise SourceError(f"{path}: expected a JSON {kind.__name__}, got {type(data).__name__}")
-    return data
