@@ -38,6 +38,7 @@ from PIL import Image
 from torch import nn
 
 from mie.finetune import metrics
+from mie.shards.writer import atomic_write_bytes, replace_dir
 from mie.finetune.backbone import VIEWS, Backbone, BackboneConfig, load_backbone
 from mie.finetune.tasks.gmner import GmnerOptions
 from mie.finetune.tasks.jmere import JmereOptions
@@ -350,12 +351,7 @@ def save_checkpoint(model: Model, path: Path, meta: dict[str, Any]) -> None:
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, path)
 
 
 def load_checkpoint(model: Model, path: Path) -> dict[str, Any]:
@@ -389,15 +385,11 @@ def plot_curve(path: Path, losses: list[tuple[int, float]], history: list[dict[s
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
 
 
 def _finished(out: Path, cfg: FinetuneConfig) -> dict[str, Any] | None:

@@ -27,6 +27,7 @@ import torch
 
 from mie.launch import config as config_lib
 from mie.launch.errors import UserError
+from mie.shards.writer import replace_dir
 from mie.pretrain.checkpoint import LATEST
 from mie.pretrain.model import MieModel, model_from_skeleton
 
@@ -106,9 +107,7 @@ def export(run: Path, out: Path, tag: str | None = None, force: bool = False) ->
     _write_backbone(model, run, tmp, meta)
     (tmp / "README.md").write_text(model_card(model, cfg, meta, tag), encoding="utf-8")
     write_sha256sums(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     print(f"exported {run} ({tag}) → {out}")
     return out
 

@@ -29,6 +29,7 @@ import torch
 
 from mie.launch.dist import DistEnv
 from mie.launch.errors import UserError
+from mie.shards.writer import replace_dir
 from mie.launch.log import RunLogger
 
 Size = Literal["tiny", "sd21"]
@@ -154,9 +155,6 @@ def main(cfg: TinyDiffusionConfig, env: DistEnv) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     build_pipeline(cfg.size, cfg.seed).save_pretrained(tmp)
     (tmp / STAMP).write_text(json.dumps(stamp, sort_keys=True) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     log.info(f"tiny-diffusion: {cfg.size} pipeline (seed {cfg.seed}) → {out}")
     return out

@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw
 
 from mie.launch.dist import DistEnv
 from mie.launch.log import RunLogger, progress
+from mie.shards.writer import replace_dir
 
 # Bump when the generator changes what it writes for a given config: a finished world with an
 # older version is regenerated instead of being reused.
@@ -247,7 +248,7 @@ def main(cfg: ToyConfig, env: DistEnv) -> None:
 
     _write_text(tmp / "truth.json", json.dumps(_truth_doc(w.truth), sort_keys=True, separators=(",", ":")))
     _write_text(tmp / "toy.json", json.dumps(stamp, indent=1, sort_keys=True) + "\n")
-    _swap_in(tmp, out)
+    replace_dir(tmp, out)
     log.info(f"toy world written: {len(w.truth)} images, {w.counts}")
 
 
@@ -754,13 +755,3 @@ def _read_stamp(out: Path) -> dict[str, Any] | None:
 def _is_toy_dir(out: Path) -> bool:
     """Only a dir we wrote (it has toy.json) or an empty one may be replaced."""
     return out.is_dir() and ((out / "toy.json").is_file() or not any(out.iterdir()))
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``tmp`` (rename is atomic; the old world is removed after)."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
@@ -71,6 +72,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def replace_dir(tmp: Path, dst: Path) -> None:
+    """Put the finished directory ``tmp`` in place of ``dst`` by renames; the old ``dst`` is moved aside
+    first and removed after, so a kill leaves either the old or the new directory under ``dst``'s name
+    (or nothing), never a half-written one."""
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
