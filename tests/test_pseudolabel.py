@@ -349,7 +349,7 @@ def test_bad_model_paths_are_one_line_errors(world, tmp_path, capsys):
     assert not out.exists()  # refused before anything was written
     # the shipped configs load; the real one names model files that are not here
     toy_cfg = config_lib.load(PseudolabelConfig, cli_mod.packaged_config("shards/toy/pseudolabel.toml"))
-    assert toy_cfg.clip.model == "mie-clip-tiny" and toy_cfg.detect.model == "yolov8n.yaml"
+    assert toy_cfg.clip.model == "mie-clip-tiny" and toy_cfg.detect.model == "runs/models/toy/yolo-toy.pt"
     err = one_line_error(capsys, "shards", "pseudolabel", "shards/pseudolabel.toml", f"input={world['input']}",
                          f"output={out}")
     assert "detect.model: YOLO checkpoint models/yolov8n.pt not found" in err
