@@ -36,6 +36,7 @@ import torch
 
 from mie.shards.backtranslate import Backtranslator, ModelConfig, PromptConfig, encode_jpegs, prepare
 from mie.shards.tiny_diffusion import build_pipeline, build_tiny_vae
+from common import device_name
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16",
           "bfloat16": "bfloat16"}
@@ -128,7 +129,7 @@ def main() -> None:
     texts = prompts(args.images)
     single_texts = texts[:args.single_images or args.images]
 
-    result: dict = {"bench": "backtranslate", "device": args.device, "device_name": _device_name(args.device),
+    result: dict = {"bench": "backtranslate", "device": args.device, "device_name": device_name(args.device),
                     "size": args.size, "dtype": DTYPES[args.dtype], "side": args.side, "steps": args.steps,
                     "guidance": args.guidance, "batch": args.batch, "images": len(texts),
                     "single_images": len(single_texts), "torch": torch.__version__}
@@ -188,14 +189,6 @@ def main() -> None:
         release()
     result["baseline_first_call_s"] = round(compile_s, 2)
     print(json.dumps(result, indent=1))
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

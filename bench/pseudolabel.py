@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -37,6 +36,7 @@ from mie.shards import pseudolabel as pl
 from mie.shards.detect import DetectConfig, Detector
 from mie.shards.schema import read_index
 from mie.shards.stage import read_tar
+from common import device_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
         "bench": "pseudolabel", "config": args.config, "input": str(in_dir), "overrides": args.overrides,
-        "device": cfg.detect.device, "device_name": _device_name(cfg.detect.device), "detect_model": cfg.detect.model,
+        "device": cfg.detect.device, "device_name": device_name(cfg.detect.device), "detect_model": cfg.detect.model,
         "imgsz": cfg.detect.imgsz, "detect_batch": cfg.detect.batch_size, "backend": cfg.detect.backend,
         "half": args.half, "images": len(blobs), "single_images": len(single), "torch_threads": torch.get_num_threads(),
         "detect_images_per_s": {k: round(v, 1) for k, v in med.items()},
@@ -125,12 +125,6 @@ def _load_seconds(cfg: pl.PseudolabelConfig) -> float:
     t0 = time.perf_counter()
     pl.ClipScorer(cfg.clip), Detector(cfg.detect), CandidateExtractor(cfg.entities)
     return round(time.perf_counter() - t0, 2)
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
