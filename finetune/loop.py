@@ -14,31 +14,46 @@ and decode into prediction rows) and its label vocabulary; this loop does the re
    metrics, training minutes), ``curve.png``, ``best/`` (``model.safetensors`` + ``meta.json``),
    ``metrics.jsonl`` and ``config.toml``.
 
-``results.json`` is written last: a run directory without it is unfinished, and a re-run starts it
-over. A finished run with the same config is not redone; one with another config is refused. Single process; multi-process launch is
-refused with a clear error until it is wired.
+**Engines.** A single process trains with plain torch (the default). Under ``torchrun``/``srun`` with
+more than one rank (or with ``engine.kind = "deepspeed"``) the same loop drives a DeepSpeed engine
+(ZeRO 0/1/2, gloo on the CPU, NCCL on GPUs): every rank trains on its share of each epoch's seeded
+permutation (a ``DistributedSampler``), predicts its share of dev/test, and the rows are gathered, so
+every rank sees the same scores and takes the same best/early-stop decisions; rank 0 writes the files.
+
+**Resume.** ``last/`` holds everything an exact continuation needs (weights, optimizer, scheduler, the
+position in the epoch, best-so-far, history, every RNG state including the DataLoader generator's). It
+is written at every epoch end, and mid-epoch when SIGUSR1/SIGTERM asks the run to stop
+(:mod:`mie.launch.preempt`: checkpoint at the next step boundary, exit 75, requeue under SLURM). With
+``resume = "auto"`` a re-run of the same config continues from it, skipping the batches of the epoch's
+permutation already trained, and ends with the same predictions and results as an uninterrupted run
+(all but the wall-clock minutes). A checkpoint of another config is set aside (the run starts over);
+one written by another world size or engine is refused.
+
+``results.json`` is written last: a run directory without it is unfinished. A finished run with the
+same config is not redone; one with another config is refused.
 """
 from __future__ import annotations
 
 import importlib
 import io
+import itertools
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
 from mie.finetune import metrics
-from mie.shards.writer import atomic_write_bytes, replace_dir
 from mie.finetune.backbone import VIEWS, Backbone, BackboneConfig, load_backbone
 from mie.finetune.tasks.gmner import GmnerOptions
 from mie.finetune.tasks.jmere import JmereOptions
@@ -48,9 +63,13 @@ from mie.launch import config as config_lib
 from mie.launch.config import ConfigError
 from mie.launch.dist import DistEnv
 from mie.launch.log import RunLogger, WandbConfig, progress
+from mie.launch.preempt import Preemption
+from mie.pretrain.checkpoint import ResumeError, rng_state, set_rng_state
 from mie.shards.loader import CountingHandler, sample_pipeline, shard_urls
+from mie.shards.writer import atomic_write_bytes, atomic_write_json, replace_dir
 
 Task = Literal["gmner", "mnre", "jmere", "twitter_ner"]
+LAST = "last"  # the resume checkpoint's directory in the run directory
 
 
 @dataclass
@@ -66,7 +85,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     epochs: int = 10
-    batch_size: int = 16
+    batch_size: int = 16  # per rank
     eval_batch_size: int = 64
     lr: float = 5e-5  # pretrained parameters
     head_lr: float = 1e-3  # new parameters: heads, CRF, fusion, a randomly initialised vision encoder
@@ -86,6 +105,13 @@ class OptimConfig:
 
 
 @dataclass
+class EngineConfig:
+    kind: Literal["auto", "torch", "deepspeed"] = "auto"  # auto: DeepSpeed when launched with > 1 rank, else torch
+    zero_stage: Literal[0, 1, 2] = 1  # DeepSpeed only
+    ds: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed config (expert knobs)
+
+
+@dataclass
 class FinetuneConfig:
     task: Task
     out: str  # run directory
@@ -93,9 +119,11 @@ class FinetuneConfig:
     data: DataConfig
     seed: int = 0
     modality: Literal["text", "image", "both"] = "text"  # text only; + jpg; + jpg and gen.jpg
-    device: str = "auto"  # auto = cuda when available, else cpu
+    device: str = "auto"  # single process: auto = cuda when available, else cpu (DeepSpeed: one GPU per rank)
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    resume: Literal["auto", "never"] = "auto"  # auto: continue the run directory's last/ checkpoint of this config
     optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     twitter_ner: NerOptions = field(default_factory=NerOptions)
     gmner: GmnerOptions = field(default_factory=GmnerOptions)
     mnre: MnreOptions = field(default_factory=MnreOptions)
@@ -122,23 +150,68 @@ class Model(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss of a batch (what a DeepSpeed engine's forward returns)."""
+        return self.head.loss(self.backbone(batch), batch)
+
+
+@dataclass
+class Progress:
+    """Where training stands: all of it goes into ``last/meta.json``, so a re-run continues exactly."""
+
+    epoch: int = 0  # epochs finished (trained and scored on dev)
+    batch: int = 0  # batches of epoch ``epoch + 1`` already trained (a mid-epoch checkpoint)
+    step: int = 0  # optimizer steps in all
+    best: float | None = None  # best dev score so far
+    best_epoch: int = 0
+    stale: int = 0  # epochs since the best
+    stopped_early: bool = False
+    done: bool = False  # training is over: only the test predictions and the files are left
+    train_seconds: float = 0.0  # training wall time up to the checkpoint
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
+    losses: list[list[float]] = field(default_factory=list)  # [step, loss] per optimizer step
+
 
 def main(cfg: FinetuneConfig, env: DistEnv) -> dict[str, Any]:
-    """Fine-tune, predict test, write the run directory; returns the ``results.json`` content."""
-    if env.world_size > 1:
-        raise ConfigError("mie finetune: multi-process fine-tuning is not wired yet; run a single process")
+    """Fine-tune (or continue a checkpointed run), predict test, write the run directory; returns the
+    ``results.json`` content."""
     out = Path(cfg.out)
     finished = _finished(out, cfg)
     if finished is not None:
         RunLogger(env).info(f"{out} already holds a finished run of this config; nothing to do")
         return finished
-    _clear(out)
-    config_lib.save(cfg, out / "config.toml")
-    log = RunLogger(env, out, cfg.wandb, config_lib.to_dict(cfg))
+    # From here on SIGUSR1/SIGTERM only raise a flag. Training reads it after every optimizer step (and
+    # at epoch ends), checkpoints and exits 75; one that lands after training lets the run finish.
+    with Preemption(env) as preempt:
+        return fine_tune(cfg, env, preempt)
+
+
+def fine_tune(cfg: FinetuneConfig, env: DistEnv, preempt: Preemption) -> dict[str, Any]:
+    """:func:`main` once the run is known to be unfinished: set up, resume, train, predict, write."""
+    out = Path(cfg.out)
+    use_deepspeed = cfg.engine.kind == "deepspeed" or (cfg.engine.kind == "auto" and env.world_size > 1)
+    if env.world_size > 1 and not use_deepspeed:
+        raise ConfigError(f"engine.kind: 'torch' trains in one process, but this launch has {env.world_size} ranks; "
+                          "use engine.kind=auto or deepspeed")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if use_deepspeed:
+        from mie.pretrain.train import setup_distributed
+
+        device = setup_distributed(env)
+    else:
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if cfg.device == "auto" else cfg.device))
+    engine_name = "deepspeed" if use_deepspeed else "torch"
+    resume_from, set_aside = find_last(out, cfg, env, engine_name)
+    _barrier()  # every rank has decided before rank 0 clears anything
+    if env.is_main and resume_from is None:
+        _clear(out)
+        config_lib.save(cfg, out / "config.toml")
+    _barrier()
+    log = RunLogger(env, out, cfg.wandb, config_lib.to_dict(cfg))
+    if set_aside:
+        log.warn(f"{out / LAST} was written by another config ({', '.join(set_aside)} differ): starting over")
     seed_everything(cfg.seed)
 
     task_module = importlib.import_module(f"mie.finetune.tasks.{cfg.task}")
@@ -153,79 +226,120 @@ def main(cfg: FinetuneConfig, env: DistEnv) -> dict[str, Any]:
             task.prepare(ex)
     if getattr(task, "dropped", 0):
         log.warn(f"{task.dropped} overlapping gold spans cannot be BIO-tagged and are left out of training targets")
-    log.info(f"{cfg.task}: " + ", ".join(f"{s} {len(x)}" for s, x in splits.items()) + f"; modality {cfg.modality}")
+    log.info(f"{cfg.task}: " + ", ".join(f"{s} {len(x)}" for s, x in splits.items()) + f"; modality {cfg.modality}; "
+             f"{env.world_size} × {device.type} ({engine_name})")
 
     backbone = load_backbone(cfg.backbone, cfg.modality)
     model = Model(backbone, task.head(backbone)).to(device)
     collate_fn = partial(collate, tokenizer=backbone.tokenizer, max_length=cfg.backbone.max_length, views=views,
                          image_size=backbone.image_size, task=task)
+    # The sampler permutes each epoch from (seed, epoch) alone; the generator only seeds loader workers.
+    # Both are part of the checkpoint, so a resumed epoch sees the same batches in the same order.
+    sampler = EpochSampler(splits["train"], env, cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=cfg.optim.batch_size, shuffle=True,
+    train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=cfg.optim.batch_size, sampler=sampler,
                                                collate_fn=collate_fn, generator=generator,
                                                num_workers=cfg.data.workers)
-    total_steps = cfg.optim.epochs * len(train_loader)
+    batches_per_epoch = math.ceil(sampler.num_samples / cfg.optim.batch_size)
+    total_steps = cfg.optim.epochs * batches_per_epoch
     if cfg.optim.max_steps:
         total_steps = min(total_steps, cfg.optim.max_steps)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+    trainer = Trainer(model, *build_optimizer(model, cfg.optim, total_steps), cfg, env, device, use_deepspeed)
+    state = Progress()
+    if resume_from is not None:
+        state, loader_state, rng = trainer.resume(resume_from)
+        generator.set_state(loader_state)
+        set_rng_state(rng)  # last, so nothing built above draws from the restored streams
+        if env.is_main:
+            _truncate_metrics(out / "metrics.jsonl", state.step)
+        log.info(f"resumed from {resume_from}: epoch {state.epoch + 1}, batch {state.batch}, step {state.step}")
 
     def evaluate_split(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        rows = predict(model, task, splits[name], collate_fn, cfg.optim.eval_batch_size, device, env, name)
+        rows = predict_split(model, task, splits[name], collate_fn, cfg.optim.eval_batch_size, device, env, name)
         return metrics.score(cfg.task, {ex.id: ex.labels for ex in splits[name]}, rows), rows
 
-    t0 = time.time()
-    step, best, best_epoch, stale, history, stopped_early = 0, -math.inf, 0, 0, [], False
-    losses: list[tuple[int, float]] = []
-    for epoch in range(1, cfg.optim.epochs + 1):
-        model.train()
-        for batch in progress(train_loader, env, f"epoch {epoch}", unit="batch"):
-            batch = to_device(batch, device)
-            loss = model.head.loss(model.backbone(batch), batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                         if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append((step, loss.item()))
-            if step % cfg.optim.log_every == 0:
-                log.metrics(step, {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]})
-            if cfg.optim.max_steps and step >= cfg.optim.max_steps:
+    def steps_left() -> bool:
+        return not cfg.optim.max_steps or state.step < cfg.optim.max_steps
+
+    def checkpoint(loader_state: torch.Tensor) -> None:
+        state.train_seconds = time.time() - t0
+        save_last(trainer, out, env, state, loader_state, {"config": _identity(cfg), "engine": engine_name})
+
+    t0 = time.time() - state.train_seconds
+    any_rank = _any_rank if dist.is_initialized() and env.world_size > 1 else None
+    while not state.done:
+        epoch = state.epoch + 1
+        epoch_start_step = state.step - state.batch
+        trainer.train()
+        sampler.set_epoch(epoch, skip=state.batch * cfg.optim.batch_size)
+        epoch_loader_state = generator.get_state()  # the iterator draws the workers' seed from it
+        with preempt.shielded():  # worker processes forked here ignore the signals: this process acts on them
+            batches = iter(train_loader) if steps_left() else iter(())
+        for batch in progress(batches, env, f"epoch {epoch}", total=len(train_loader), unit="batch"):
+            loss = trainer.forward(to_device(batch, device))
+            grad_norm = trainer.step(loss)
+            state.step += 1
+            state.batch += 1
+            state.losses.append([state.step, loss.item()])
+            if state.step % cfg.optim.log_every == 0:
+                log.metrics(state.step, {"loss": loss.item(), "grad_norm": grad_norm, "lr": trainer.lr()})
+            if preempt.requested(any_rank):
+                checkpoint(epoch_loader_state)
+                log.info(f"{preempt.signal_name}: checkpointed epoch {epoch} at batch {state.batch} "
+                         f"(step {state.step}) in {out / LAST}; a re-run continues from there")
+                log.close()
+                preempt.finish(log.info, barrier=_barrier)
+            if not steps_left():
                 break
-        epoch_loss = float(np.mean([v for s, v in losses if s > step - len(train_loader)] or [0.0]))
+        epoch_loss = float(np.mean([v for s, v in state.losses if s > epoch_start_step] or [0.0]))
         dev_metrics = evaluate_split("dev")[0] if "dev" in splits else {}
         score = metrics.main_metric(cfg.task, dev_metrics) if dev_metrics else float(epoch)
-        history.append({"epoch": epoch, "step": step, "train_loss": round(epoch_loss, 5), "dev": dev_metrics})
-        log.metrics(step, {"epoch": epoch, "train_loss": epoch_loss, "dev_main": score if dev_metrics else None})
+        state.history.append({"epoch": epoch, "step": state.step, "train_loss": round(epoch_loss, 5),
+                              "dev": dev_metrics})
+        log.metrics(state.step, {"epoch": epoch, "train_loss": epoch_loss,
+                                 "dev_main": score if dev_metrics else None})
         log.info(f"epoch {epoch}: train loss {epoch_loss:.4f}" + (f", dev F1 {score:.2f}" if dev_metrics else ""))
-        if score > best:
-            best, best_epoch, stale = score, epoch, 0
-            save_checkpoint(model, out / "best", {"epoch": epoch, "step": step, "dev": dev_metrics,
-                                                 "task": cfg.task, "task_state": task.state()})
+        if state.best is None or score > state.best:
+            state.best, state.best_epoch, state.stale = score, epoch, 0
+            if env.is_main:
+                save_checkpoint(model, out / "best", {"epoch": epoch, "step": state.step, "dev": dev_metrics,
+                                                     "task": cfg.task, "task_state": task.state()})
         else:
-            stale += 1
-        if cfg.optim.patience and stale >= cfg.optim.patience:
-            stopped_early = True
-            log.info(f"no better dev score for {stale} epochs: stopping early")
-            break
-        if cfg.optim.max_steps and step >= cfg.optim.max_steps:
-            break
+            state.stale += 1
+        state.epoch, state.batch = epoch, 0
+        if cfg.optim.patience and state.stale >= cfg.optim.patience:
+            state.stopped_early = True
+            log.info(f"no better dev score for {state.stale} epochs: stopping early")
+        state.done = state.stopped_early or not steps_left() or epoch >= cfg.optim.epochs
+        checkpoint(generator.get_state())
+        if not state.done and preempt.requested(any_rank):
+            log.info(f"{preempt.signal_name}: stopping after epoch {epoch}, checkpointed in {out / LAST}")
+            log.close()
+            preempt.finish(log.info, barrier=_barrier)
     train_minutes = (time.time() - t0) / 60
 
     load_checkpoint(model, out / "best")
     results: dict[str, Any] = {
         "task": cfg.task, "seed": cfg.seed, "modality": cfg.modality, "config": config_lib.to_dict(cfg),
-        "best_epoch": best_epoch, "epochs_run": len(history), "steps": step, "stopped_early": stopped_early,
-        "training_minutes": round(train_minutes, 3), "samples": {s: len(x) for s, x in splits.items()},
-        "task_state": task.state(), "dev": history[best_epoch - 1]["dev"], "test": {}, "history": history,
+        "best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step,
+        "stopped_early": state.stopped_early, "training_minutes": round(train_minutes, 3),
+        "samples": {s: len(x) for s, x in splits.items()}, "task_state": task.state(),
+        "dev": state.history[state.best_epoch - 1]["dev"], "test": {}, "history": state.history,
     }
+    rows: dict[str, dict[str, Any]] = {}
     if "test" in splits:
         results["test"], rows = evaluate_split("test")
-        _write_jsonl(out / "predictions.jsonl", [rows[ex.id] for ex in splits["test"]])
-    plot_curve(out / "curve.png", losses, history, cfg.task)
+    if env.is_main:
+        if "test" in splits:
+            _write_jsonl(out / "predictions.jsonl", [rows[ex.id] for ex in splits["test"]])
+        plot_curve(out / "curve.png", state.losses, state.history, cfg.task)
     results["total_minutes"] = round((time.time() - t0) / 60, 3)
-    _write_json(out / "results.json", results)
-    log.info(f"best epoch {best_epoch}; test {json.dumps(results['test'])} → {out}")
+    if env.is_main:
+        _write_json(out / "results.json", results)  # last: the run is complete from here on
+        for name in (LAST, LAST + ".old"):  # only a resume needs it, and a finished run is never resumed
+            shutil.rmtree(out / name, ignore_errors=True)
+    _barrier()
+    log.info(f"best epoch {state.best_epoch}; test {json.dumps(results['test'])} → {out}")
     log.close()
     return results
 
@@ -238,7 +352,8 @@ def load_split(set_dir: Path, views: tuple[str, ...], limit: int, log: RunLogger
     """Every sample of a shard set (the first ``limit`` when > 0), images only for ``views``."""
     handler = CountingHandler()
     examples = []
-    for raw in sample_pipeline(shard_urls(set_dir), handler, decode=False):
+    # Every rank reads the whole split: the training sampler and predict_split share it out.
+    for raw in sample_pipeline(shard_urls(set_dir), handler, decode=False, by_node=False):
         meta = json.loads(raw["json"])
         det = json.loads(raw["det.json"]) if "det.json" in raw else None
         examples.append(Example(raw["__key__"], str(meta["id"]), meta, {v: raw[v] for v in views if v in raw}, det))
@@ -266,8 +381,25 @@ def collate(examples: list[Example], tokenizer: Any, max_length: int, views: tup
                              "word_index": word_index, "word_mask": word_mask, "examples": examples}
     if views:
         batch["images"] = {v: _images(examples, v, image_size) for v in views}
+        batch["det_boxes"], batch["det_mask"] = _detections(examples)
     task.collate(examples, batch)
     return batch
+
+
+def _detections(examples: list[Example], top_k: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-K ``jpg`` detections of each sample (``det.json``) as fractions of the image side, (B, K, 4), and
+    their mask: the region tokens a pretrained backbone's fusion takes (as in pretraining)."""
+    k = max([1] + [min(top_k, len(((ex.det or {}).get("jpg") or {}).get("boxes", []))) for ex in examples])
+    boxes, mask = torch.zeros(len(examples), k, 4), torch.zeros(len(examples), k, dtype=torch.bool)
+    for i, ex in enumerate(examples):
+        found = ((ex.det or {}).get("jpg") or {}).get("boxes", [])[:k]
+        size = ex.labels.get("jpg_size")
+        if not found or not size:
+            continue
+        w, h = size
+        boxes[i, :len(found)] = torch.tensor([[b[0] / w, b[1] / h, b[2] / w, b[3] / h] for b in found]).clamp(0, 1)
+        mask[i, :len(found)] = True
+    return boxes, mask
 
 
 def _images(examples: list[Example], view: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,6 +444,37 @@ def predict(model: Model, task: Any, examples: list[Example], collate_fn: Any, b
     return rows
 
 
+def predict_split(model: Model, task: Any, examples: list[Example], collate_fn: Any, batch_size: int,
+                  device: torch.device, env: DistEnv, desc: str) -> dict[str, dict[str, Any]]:
+    """:func:`predict` over every example; across ranks each predicts every ``world_size``-th example and
+    the rows are gathered on every rank, so all ranks score the same rows and agree on best/stop."""
+    if not (dist.is_initialized() and env.world_size > 1):
+        return predict(model, task, examples, collate_fn, batch_size, device, env, desc)
+    mine = predict(model, task, examples[env.rank::env.world_size], collate_fn, batch_size, device, env, desc)
+    parts: list[Any] = [None] * env.world_size
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """This rank's share of epoch ``e``'s permutation, drawn from ``(seed, e)`` alone, from position
+    ``skip`` on: a resumed epoch leaves out the batches it already trained (a world of one gets all)."""
+
+    def __init__(self, dataset: list[Example], env: DistEnv, seed: int):
+        super().__init__(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.skip)
+
+
 # ------------------------------------------------------------------------------------------------
 # Optimisation, seeding, checkpoints, outputs
 
@@ -344,22 +507,49 @@ def build_optimizer(model: Model, cfg: OptimConfig, total_steps: int):
 
 def save_checkpoint(model: Model, path: Path, meta: dict[str, Any]) -> None:
     """``path/model.safetensors`` + ``path/meta.json``, swapped in whole (never half written)."""
-    from safetensors.torch import save_model
-
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_weights(model, tmp / "model.safetensors")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     replace_dir(tmp, path)
 
 
 def load_checkpoint(model: Model, path: Path) -> dict[str, Any]:
     """Load ``path/model.safetensors`` into ``model`` (no unpickling); returns its meta."""
-    from safetensors.torch import load_model
-
-    load_model(model, str(path / "model.safetensors"))
+    load_weights(model, path / "model.safetensors")
     return json.loads((path / "meta.json").read_text(encoding="utf-8"))
+
+
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state, each tensor once (a tied weight under its first name)."""
+    seen: set[int] = set()
+    unique = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            unique[name] = t
+    return unique
+
+
+def save_weights(model: nn.Module, file: Path) -> None:
+    """The model's weights as safetensors. Each tensor is copied into its own storage: under ZeRO 1/2,
+    DeepSpeed keeps the parameters as views into one flat buffer, which safetensors refuses to write."""
+    from safetensors.torch import save_file
+
+    save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in _unique_tensors(model).items()}, str(file))
+
+
+def load_weights(model: nn.Module, file: Path) -> None:
+    """Load :func:`save_weights`' file into ``model`` (in place, so DeepSpeed's flat buffers stay valid)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(file))
+    expected = set(_unique_tensors(model))
+    if set(state) != expected:
+        diff = sorted(expected ^ set(state))
+        raise ResumeError(f"{file}: holds other weights than this model ({len(diff)} names differ, e.g. {diff[0]})")
+    model.load_state_dict(state, strict=False)  # tied aliases are left out of the file
 
 
 def plot_curve(path: Path, losses: list[tuple[int, float]], history: list[dict[str, Any]], task: str) -> None:
@@ -399,7 +589,7 @@ def _finished(out: Path, cfg: FinetuneConfig) -> dict[str, Any] | None:
         results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if results.get("config") != config_lib.to_dict(cfg):
+    if {k: v for k, v in results.get("config", {}).items() if k != "resume"} != _identity(cfg):
         raise ConfigError(f"out: {out} holds a finished run of another config (its results.json); "
                           "choose another out or delete it")
     return results
@@ -409,6 +599,152 @@ def _clear(out: Path) -> None:
     """Remove what an earlier (unfinished or different) run left, so nothing stale looks current."""
     for name in ("results.json", "predictions.jsonl", "curve.png", "metrics.jsonl", "config.toml"):
         (out / name).unlink(missing_ok=True)
-    for name in ("best", "best.partial", "best.old"):
+    for name in ("best", "best.partial", "best.old", LAST, LAST + ".partial", LAST + ".old"):
         shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+
+
+class Trainer:
+    """The optimizer step of the one loop and the state it saves: plain torch in one process, or a
+    DeepSpeed engine around the same model, torch AdamW and schedule (DeepSpeed then reduces gradients
+    across ranks, clips, steps the schedule and writes the ZeRO-partitioned optimizer state)."""
+
+    def __init__(self, model: Model, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: FinetuneConfig,
+                 env: DistEnv, device: torch.device, use_deepspeed: bool):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.clip, self.env = cfg.optim.grad_clip, env
+        self.engine = None
+        if use_deepspeed:
+            import deepspeed
+
+            from mie.pretrain.train import base_ds_config
+
+            conf = base_ds_config(cfg.optim.batch_size, 1, cfg.optim.grad_clip, cfg.engine.zero_stage, "fp32",
+                                  cfg.engine.ds)
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                        config=conf)
+
+    def train(self) -> None:
+        (self.model if self.engine is None else self.engine).train()
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's training loss (through the engine's forward under DeepSpeed)."""
+        return self.model(batch) if self.engine is None else self.engine(batch)
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward, clip, update, advance the schedule; returns the gradient norm (0 when not clipping)."""
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip) if self.clip > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(norm) if norm is not None else 0.0
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, path: Path) -> None:
+        """Weights, optimizer and schedule into the directory ``path`` (collective under DeepSpeed)."""
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(path), tag="engine", save_latest=False)
+            return
+        save_weights(self.model, path / "model.safetensors")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   path / "optim.pt")
+
+    def resume(self, path: Path) -> tuple[Progress, torch.Tensor, dict[str, Any]]:
+        """Load the ``last`` checkpoint ``path``: ``(progress, loader generator state, RNG states)``."""
+        if self.engine is not None:
+            loaded, _ = self.engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+            if loaded is None:
+                raise ResumeError(f"resume: DeepSpeed found no checkpoint in {path}")
+        else:
+            load_weights(self.model, path / "model.safetensors")
+            saved = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+        mine = torch.load(path / f"rank{self.env.rank:05d}.pt", map_location="cpu", weights_only=True)
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        return Progress(**meta["progress"]), mine["loader"], mine["rng"]
+
+
+def save_last(trainer: Trainer, out: Path, env: DistEnv, state: Progress, loader_state: torch.Tensor,
+              meta: dict[str, Any]) -> None:
+    """Write ``out/last`` (every rank takes part): the trainer's state, per rank the RNG states and the
+    loader generator's state, then ``meta.json`` (the progress; written last, after every rank is done),
+    and swap the directory in whole, so a kill at any point leaves the previous checkpoint or this one."""
+    tmp = out / (LAST + ".partial")
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    trainer.save(tmp)
+    torch.save({"loader": loader_state, "rng": rng_state()}, tmp / f"rank{env.rank:05d}.pt")
+    _barrier()
+    if env.is_main:
+        atomic_write_json(tmp / "meta.json", {**meta, "world_size": env.world_size, "progress": asdict(state)})
+        replace_dir(tmp, out / LAST)
+    _barrier()
+
+
+def find_last(out: Path, cfg: FinetuneConfig, env: DistEnv, engine: str) -> tuple[Path | None, list[str]]:
+    """The ``last`` checkpoint this run continues from (None: a fresh start), and the config keys that
+    differ when a checkpoint of another config was found (it is set aside). One of another world size or
+    engine is refused."""
+    if cfg.resume == "never":
+        return None, []
+    # ``last.old`` alone: the run was killed between replace_dir's two renames.
+    path = next((out / n for n in (LAST, LAST + ".old") if (out / n / "meta.json").is_file()), None)
+    if path is None:
+        return None, []
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    then, now = meta.get("config", {}), _identity(cfg)
+    if then != now:
+        return None, sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+    if (meta.get("world_size"), meta.get("engine")) != (env.world_size, engine):
+        raise ResumeError(f"resume: {path} was written by {meta.get('world_size')} rank(s) with {meta.get('engine')}, "
+                          f"this run has {env.world_size} with {engine}; an exact resume needs the same "
+                          "(resume=never starts over)")
+    if not (path / f"rank{env.rank:05d}.pt").is_file():
+        raise ResumeError(f"resume: {path}: not a complete checkpoint (no rank{env.rank:05d}.pt)")
+    return path, []
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the metrics rows after ``step`` (a resumed run logs them again) and any line a kill cut short."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+
+
+def _identity(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The config as a run is identified by: everything but ``resume`` (how a run starts, not what it is)."""
+    d = config_lib.to_dict(cfg)
+    d.pop("resume", None)
+    return d
+
+
+def _any_rank(flag: int) -> int:
+    """The maximum of ``flag`` over the ranks (one all-reduce)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([flag], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

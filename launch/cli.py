@@ -55,6 +55,8 @@ STAGES = [
           "mie.pretrain.train", "PretrainConfig"),
     Stage(None, "export", "publish a pretraining run's backbone: RUN --out DIR (safetensors, config, tokenizer, card)",
           "mie.pretrain.export", "", own_args=True),
+    Stage(None, "quickstart", "the whole pipeline on the embedded toy world, on the CPU: [--out DIR] → DIR/report.md",
+          "mie.launch.quickstart", "", own_args=True),
 ]
 
 

@@ -1,11 +1,15 @@
 """Run logging: stdout, ``metrics.jsonl`` and optional wandb, plus rank-0 progress bars.
 
 wandb is never required: ``mode = "disabled"`` (the default) does not import it, ``offline`` writes
-a local run directory that ``wandb sync`` can upload later.
+a local run directory that ``wandb sync`` can upload later. A run directory keeps its wandb run id in
+``<out_dir>/wandb_id`` (written on the first start), so a restarted or requeued job continues the same
+wandb run (``resume="allow"``) instead of starting a new one.
 """
 from __future__ import annotations
 
 import json
+import secrets
+import string
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ class WandbConfig:
     project: str = "mie"
     entity: str = ""
     name: str = ""
-    run_id: str = ""  # set to resume a run by id (the requeue path sets it from the run dir)
+    run_id: str = ""  # a wandb run id to continue; empty: the one in <out>/wandb_id, created on the first start
     tags: list[str] = field(default_factory=list)
 
 
@@ -42,9 +46,10 @@ class RunLogger:
         if self.active and wandb is not None and wandb.mode != "disabled":
             import wandb as wandb_lib  # only imported when asked for
 
+            run_id = wandb.run_id or (wandb_run_id(Path(out_dir)) if out_dir is not None else "")
             self._wandb = wandb_lib.init(
                 project=wandb.project, entity=wandb.entity or None, name=wandb.name or None,
-                id=wandb.run_id or None, resume="allow" if wandb.run_id else None, tags=wandb.tags,
+                id=run_id or None, resume="allow" if run_id else None, tags=wandb.tags,
                 mode=wandb.mode, dir=str(out_dir) if out_dir else None, config=config,
             )
 
@@ -74,6 +79,26 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+WANDB_ID = "wandb_id"
+
+
+def wandb_run_id(out_dir: Path) -> str:
+    """The wandb run id of the run directory ``out_dir``: read from ``out_dir/wandb_id``, or made up and
+    written there (atomically) on the first start."""
+    path = out_dir / WANDB_ID
+    if path.is_file():
+        run_id = path.read_text(encoding="utf-8").strip()
+        if run_id:
+            return run_id
+    from mie.shards.writer import atomic_write_bytes  # here, not at the top: it imports webdataset
+
+    # wandb's own id alphabet and length (its generator is not public API).
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (run_id + "\n").encode())
+    return run_id
 
 
 def progress(iterable: Iterable[T], env: DistEnv, desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:

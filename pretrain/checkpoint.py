@@ -13,9 +13,28 @@ checkpoint that looks complete but is not.
 every rank has finished writing; a save cut short is a directory ``latest`` never names, overwritten or
 pruned later. The :class:`Checkpointer` decides itself when to save: every ``every_steps`` steps and every
 ``every_minutes`` minutes (rank 0's clock, broadcast, so every rank saves at the same step).
+
+**Resuming on another world size** (``mie_meta.json`` names the ranks that wrote the checkpoint; ``resume=auto``
+notices the difference itself and says so in a warning). A ZeRO-1/2 checkpoint's optimizer is sharded by
+rank, so rank 0 first converts it with DeepSpeed's ``ds_to_universal`` into ``<checkpoint>/universal/``
+(written under a temporary name, renamed when complete, reused by a later resume) and every rank loads that
+with DeepSpeed's universal-checkpoint loader (``checkpoint.load_universal``), which re-partitions it for the
+new world. A ZeRO-0 checkpoint holds the whole optimizer and loads as it is.
+
+* Kept: the fp32 master weights, Adam's moments and step count per parameter, the parameter groups' settings,
+  the LR schedule's position, the step, the data position (every rank's loader state, dealt out anew over the
+  new ranks and workers by :meth:`mie.pretrain.data.PretrainData.redistribute`: the rest of the current
+  epoch, none of it twice).
+* Not kept: the RNG streams (dropout, negative sampling, the mixing of shard sets), which restart from
+  ``(seed, rank, step)``; the batch composition, and with it the global batch size unless ``data.batch_size``
+  or ``engine.grad_accum`` is changed to match. The run continues, but is not the run the old world would have
+  made; an exact continuation needs the same world size.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import random
 import shutil
@@ -89,6 +108,15 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def seeded_rng_state(*entropy: int) -> dict[str, Any]:
+    """The RNG states (as :func:`rng_state` gives them) of a process seeded from ``entropy``, made without
+    touching this process's generators."""
+    seed = int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
+    kind, keys, pos, has_gauss, gauss = np.random.RandomState(seed).get_state()
+    return {"torch": torch.Generator().manual_seed(seed).get_state(),
+            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": random.Random(seed).getstate()}
+
+
 def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -104,8 +132,8 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 def find_resume(cfg: CheckpointConfig, out: Path, env: DistEnv, config: dict[str, Any]) -> Path | None:
     """The checkpoint this run continues from (None: a fresh start), checked before anything is built:
     ``auto`` takes ``latest`` if there is one, ``never`` refuses a directory that holds checkpoints, a path
-    must be a complete checkpoint of the same world size and model config (``config`` is this run's,
-    resolved)."""
+    must be a complete checkpoint (every rank's files) of the same model config (``config`` is this run's,
+    resolved). Its world size may differ from this run's (see the module docstring)."""
     found = latest_checkpoint(Path(out) / "checkpoints")
     if cfg.resume == "never":
         if found is not None:
@@ -115,13 +143,15 @@ def find_resume(cfg: CheckpointConfig, out: Path, env: DistEnv, config: dict[str
     path = found if cfg.resume == "auto" else Path(cfg.resume)
     if path is None:
         return None
-    for need in ("mie_meta.json", f"mie_rank{env.rank:05d}.pt"):
+    if not (path / "mie_meta.json").is_file():
+        raise ResumeError(f"checkpoint.resume: {path}: not a complete mie checkpoint (no mie_meta.json)")
+    meta = json.loads((path / "mie_meta.json").read_text(encoding="utf-8"))
+    world = meta.get("world_size")
+    if not isinstance(world, int) or world < 1:
+        raise ResumeError(f"checkpoint.resume: {path}/mie_meta.json: no world_size")
+    for need in (f"mie_rank{r:05d}.pt" for r in range(world)):
         if not (path / need).is_file():
             raise ResumeError(f"checkpoint.resume: {path}: not a complete mie checkpoint (no {need})")
-    meta = json.loads((path / "mie_meta.json").read_text(encoding="utf-8"))
-    if meta.get("world_size") != env.world_size:
-        raise ResumeError(f"checkpoint.resume: {path} was written by {meta.get('world_size')} ranks, this run has "
-                          f"{env.world_size}; an exact resume needs the same world size")
     diff = _first_difference(meta.get("config", {}).get("model"), config.get("model"), "model")
     if diff:
         raise ResumeError(f"checkpoint.resume: {path} holds another model ({diff}); use another out directory")
@@ -161,11 +191,16 @@ class Checkpointer:
         """The checkpoint ``latest`` names, or None."""
         return latest_checkpoint(self.dir)
 
-    def resume(self, path: Path | None) -> tuple[int, dict[str, Any] | None, dict[str, Any] | None]:
+    def resume(self, path: Path | None) -> tuple[int, dict[str, Any] | list[dict[str, Any]] | None,
+                                                 dict[str, Any] | None]:
         """Load checkpoint ``path`` (from :func:`find_resume`) into the engine: ``(step, loader state, RNG
-        state)``, or ``(0, None, None)`` for a fresh start."""
+        state)``, or ``(0, None, None)`` for a fresh start. From a checkpoint of another world size the loader
+        state is every old rank's (a list, for :meth:`mie.pretrain.data.PretrainData.loader`)."""
         if path is None:
             return 0, None, None
+        meta = json.loads((path / "mie_meta.json").read_text(encoding="utf-8"))
+        if meta["world_size"] != self.env.world_size:
+            return self._resume_resized(path, meta)
         loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
         if loaded is None:
@@ -174,6 +209,70 @@ class Checkpointer:
         self.last = path
         self.log.info(f"resumed from {path} (step {state['step']})")
         return int(state["step"]), state["loader"], state["rng"]
+
+    def _resume_resized(self, path: Path, meta: dict[str, Any]) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
+        old, new = meta["world_size"], self.env.world_size
+        sharded = bool(list(path.glob("*_optim_states.pt")))
+        if self.env.is_main:
+            batch = [c["data"]["batch_size"] * c["engine"]["grad_accum"] * w
+                     for c, w in ((meta["config"], old), (self.meta["config"], new))]
+            how = "DeepSpeed's universal checkpoint" if sharded else "its unsharded (ZeRO-0) optimizer state"
+            self.log.warn(f"checkpoint {path} was written by {_ranks(old)}, this run has {new}: resuming through {how} "
+                          "(weights, Adam moments, LR schedule and step kept); the rest of the epoch's samples are "
+                          f"dealt out over the new ranks; RNG streams restart from the seed; global batch {batch[0]} "
+                          f"→ {batch[1]}. Not an exact continuation.")
+        if sharded:
+            source = self._universal(path)
+            config = self.engine._config  # the DS config flag `checkpoint.load_universal`, for this load only
+            config.load_universal_checkpoint = True
+            try:
+                loaded, _ = self.engine.load_checkpoint(str(path), tag=source.name, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+            finally:
+                config.load_universal_checkpoint = False
+            self._load_buffers(source)
+        else:
+            loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        if loaded is None:
+            raise ResumeError(f"checkpoint.resume: DeepSpeed found no checkpoint in {path}")
+        states = [torch.load(path / f"mie_rank{r:05d}.pt", map_location="cpu", weights_only=True) for r in range(old)]
+        step = int(states[0]["step"])
+        self.last = path
+        self.log.info(f"resumed from {path} (step {step}, {old} → {new} ranks)")
+        rng = seeded_rng_state(self.meta["config"].get("seed", 0), self.env.rank, step)
+        return step, [s["loader"] for s in states], rng
+
+    def _universal(self, path: Path) -> Path:
+        """``path/universal``, DeepSpeed's universal form of ZeRO checkpoint ``path``: converted by rank 0
+        (unless an earlier resume did) under a temporary name, renamed when complete."""
+        done = path / "universal"
+        if self.env.is_main and not done.is_dir():
+            from deepspeed.checkpoint import ds_to_universal
+
+            work = path / ".universal-partial"
+            shutil.rmtree(work, ignore_errors=True)
+            self.log.info(f"converting {path} to a universal checkpoint")
+            args = argparse.Namespace(input_folder=str(path), output_folder=str(work / done.name),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; errors still raise
+                ds_to_universal.main(args)
+            (work / done.name).rename(done)
+            shutil.rmtree(work)
+        _barrier()
+        return done
+
+    def _load_buffers(self, source: Path) -> None:
+        """The module's persistent buffers from ``source``: the universal loader restores parameters only."""
+        module = self.engine.module
+        params = {n for n, _ in module.named_parameters()}
+        buffers = [n for n in module.state_dict() if n not in params]
+        if not buffers:
+            return
+        files = sorted(source.glob("mp_rank_*_model_states.pt"))
+        saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"]  # DeepSpeed's own file
+        module.load_state_dict({n: saved[n] for n in buffers if n in saved}, strict=False)
 
     def due(self, step: int) -> bool:
         """Whether to save after ``step``: the same answer on every rank."""
@@ -217,6 +316,10 @@ class Checkpointer:
         for p in tags:
             if not (p / "mie_meta.json").is_file() and p.name < keep.name:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
 def _comm_device() -> torch.device:

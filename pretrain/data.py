@@ -16,6 +16,24 @@ is part of the position. A position is ``(epoch, shard, offset)`` per set plus t
 state saved in a checkpoint (every slot's position and which slot the DataLoader serves next) restarts the
 stream exactly where it stopped: a resumed run sees the samples the uninterrupted run would have.
 
+**The loader state, precisely.** A rank's state (:meth:`StatefulLoader.state_dict`) holds one entry per slot.
+A slot's cursor for set ``i`` is ``{epoch, shard, offset, drawn}`` and optionally ``plans``. Its reading order
+in an epoch is a list of *pieces* ``[shard, start]``: ``plans[str(epoch)]`` if the cursor has one, else
+``[[s, 0] for s in shards_of_epoch(...)]``. Of piece ``p = [shard, start]``, the slot reads the shard's samples
+(in their permuted order) from position ``start`` on. ``cursor.shard`` is the index of the piece being read
+and ``cursor.offset`` the position after the last sample handed out of it, so the slot has consumed, in its
+current epoch, every sample of the pieces before ``cursor.shard`` and positions ``[start, max(start, offset))``
+of the current one, nothing after, and nothing of later epochs. A saved state is taken after a whole batch,
+so "consumed" is exactly "in a batch that was handed out" (or bad and skipped).
+
+**Another world size or worker count** (:meth:`PretrainData.redistribute`, from every old rank's state): per
+set, every epoch from the lowest to the highest one any old slot is in is split into the pieces no old slot
+has consumed yet (the rest of an old slot's current piece and its later pieces; the whole order of an old
+slot still in an earlier epoch). Those pieces are dealt out, largest first, to the new slots with the fewest
+samples so far, and become their ``plans``; each new slot starts at the lowest epoch and, after its plans,
+reads the new world's default split. So within an epoch no sample is handed out twice and none is skipped,
+over the old and the new ranks together. The mixing generators restart from ``(seed, rank, slot, batches)``.
+
 A batch (all tensors, except ``keys``) holds ``input_ids``/``attention_mask`` (B, L), ``falsified`` (B,),
 ``set_index`` (B,) and, per image view ``v`` in ``jpg``/``gen``: ``v.images`` uint8 (B, 3, S, S),
 ``v.present`` (B,), ``v.boxes`` (B, K, 4) as fractions, ``v.box_mask`` (B, K), ``v.obj_ent`` (B, K, P)
@@ -61,6 +79,9 @@ class DataConfig:
     shuffle: bool = True  # permute shards per epoch and samples within each shard
     max_bad_samples: int = 100  # per slot; past it the loader stops (a loader that skips most data is worse)
     prefetch: int = 2  # batches each worker keeps ready
+    # Debug: a directory; each rank appends one line per batch handed out to keys-rank%05d.jsonl there:
+    # {rank, world_size, slot, batch (that slot's count), keys, sets, epochs}.
+    record_keys: str = ""
 
     def validate(self) -> None:
         if not self.sets:
@@ -102,6 +123,7 @@ class PretrainData:
         self.max_len, self.image_size, self.max_boxes, self.views = max_len, image_size, max_boxes, list(views)
         self.slots = max(1, cfg.workers)
         self.urls: list[list[str]] = []
+        self.counts: list[list[int]] = []  # samples per shard (index.json), aligned with urls
         self.vocabs: list[dict[str, Any] | None] = []
         self.samples = 0
         for i, src in enumerate(cfg.sets):
@@ -113,6 +135,7 @@ class PretrainData:
                     f"= {env.world_size} × {self.slots}; rebuild it with smaller output.samples_per_shard or "
                     "lower data.workers")
             self.urls.append(names)
+            self.counts.append([int(s["samples"]) for s in index["shards"] if s["samples"] > 0])
             self.samples += index["total"]
             self.vocabs.append(_read_vocab(Path(src.dir)))
         self.prompts = Prompts(self._prompt_set("entities", "entity_prompts", prompt_len),
@@ -170,21 +193,33 @@ class PretrainData:
             sample["__set__"] = j
             yield sample
 
-    def shards_of_epoch(self, set_index: int, epoch: int, slot: int) -> list[int]:
-        """This rank's and slot's shards of a set in epoch ``epoch``, in reading order."""
+    def _epoch_order(self, set_index: int, epoch: int) -> np.ndarray:
         n = len(self.urls[set_index])
-        order = (np.random.default_rng([self.seed, set_index, epoch]).permutation(n) if self.cfg.shuffle
-                 else np.arange(n))
-        return [int(i) for i in order[self.env.rank::self.env.world_size][slot::self.slots]]
+        return (np.random.default_rng([self.seed, set_index, epoch]).permutation(n) if self.cfg.shuffle
+                else np.arange(n))
 
-    def _set_stream(self, i: int, slot: int, cur: dict[str, int], handler: CountingHandler) -> Iterator[dict[str, Any]]:
+    def shards_of_epoch(self, set_index: int, epoch: int, slot: int, rank: int | None = None,
+                        world_size: int | None = None, slots: int | None = None) -> list[int]:
+        """The shards of a set that ``slot`` of ``rank`` (default: this rank, world and worker count) reads
+        in epoch ``epoch`` when no plan says otherwise, in reading order."""
+        rank = self.env.rank if rank is None else rank
+        world_size = self.env.world_size if world_size is None else world_size
+        slots = self.slots if slots is None else slots
+        return [int(i) for i in self._epoch_order(set_index, epoch)[rank::world_size][slot::slots]]
+
+    @staticmethod
+    def _planned(cur: dict[str, Any]) -> list[list[int]] | None:
+        return cur.get("plans", {}).get(str(cur["epoch"]))
+
+    def _set_stream(self, i: int, slot: int, cur: dict[str, Any], handler: CountingHandler) -> Iterator[dict[str, Any]]:
         """Raw samples of set ``i`` for ``slot`` from cursor ``cur``, epoch after epoch. The cursor always
-        points at the next sample to hand out."""
+        points at the next sample to hand out (see the module docstring for pieces and plans)."""
         while True:
             yielded, fresh = 0, cur["shard"] == 0 and cur["offset"] == 0
-            order = self.shards_of_epoch(i, cur["epoch"], slot)
-            while cur["shard"] < len(order):
-                shard = order[cur["shard"]]
+            planned = self._planned(cur)
+            pieces = planned if planned is not None else [[s, 0] for s in self.shards_of_epoch(i, cur["epoch"], slot)]
+            while cur["shard"] < len(pieces):
+                shard, start = pieces[cur["shard"]]
                 url = self.urls[i][shard]
                 samples = wds.tarfile_samples([{"url": url}], handler=handler)
                 if self.cfg.shuffle:  # a whole shard in memory (raw bytes), permuted by its position
@@ -192,20 +227,86 @@ class PretrainData:
                     perm = np.random.default_rng([self.seed, i, cur["epoch"], shard]).permutation(len(samples))
                     samples = [samples[k] for k in perm]
                 for k, sample in enumerate(samples):
-                    if k < cur["offset"]:
+                    if k < max(start, cur["offset"]):
                         continue
                     cur["offset"] = k + 1
                     cur["drawn"] += 1
                     yielded += 1
+                    sample["__epoch__"] = cur["epoch"]
                     yield sample
                 cur["shard"] += 1
                 cur["offset"] = 0
-            if yielded == 0 and fresh:
+            # A plan may leave a slot nothing of an epoch; the default split gives every slot shards.
+            if yielded == 0 and fresh and planned is None:
                 raise RuntimeError(f"data.sets[{i}]: epoch {cur['epoch']} gave slot {slot} no samples "
-                                   f"(every sample of {len(order)} shards was bad)")
+                                   f"(every sample of {len(pieces)} shards was bad)")
+            cur.get("plans", {}).pop(str(cur["epoch"]), None)
             cur["epoch"] += 1
             cur["shard"] = 0
             cur["offset"] = 0
+
+    def redistribute(self, old: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """This rank's slot states continuing ``old``, the loader states of every rank (in rank order) of a
+        run with another world size or worker count: the samples no old slot has consumed in its current
+        epoch(s) are dealt out over the new ranks and slots (see the module docstring)."""
+        first = old[0] if old else {}
+        want = {"world_size": len(old), "sets": [s.dir for s in self.cfg.sets], "seed": self.seed}
+        for r, state in enumerate(old):
+            for k, v in {**want, "slots": first.get("slots")}.items():
+                if state.get(k) != v:
+                    raise ShardSetError(f"resume: rank {r}'s loader state has {k}={state.get(k)!r}, expected {v!r}; "
+                                        "a resume on another world size needs the same data.sets and seed")
+        old_world, old_slots = len(old), first["slots"]
+        cursors = [st["slot_states"][s] for st in old for s in range(old_slots)]  # old global slot r*S+s
+        n = self.env.world_size * self.slots
+        batches, bad = sum(c["batches"] for c in cursors), sum(c["bad"] for c in cursors)
+        states = [{"cursors": [], "batches": _share(batches, g, n), "bad": _share(bad, g, n),
+                   "mix": np.random.Generator(np.random.PCG64([self.seed, g // self.slots, g % self.slots,
+                                                                batches])).bit_generator.state}
+                  for g in range(n)]
+        for i in range(len(self.urls)):
+            curs = [c["cursors"][i] for c in cursors]
+            # Up to the last epoch any old slot is in or holds a plan for (from an earlier change of world):
+            # such a plan covers only what was left of its epoch then.
+            lo = min(c["epoch"] for c in curs)
+            hi = max([c["epoch"] for c in curs] + [int(e) for c in curs for e in c.get("plans", {})])
+            plans: list[dict[str, list[list[int]]]] = [{} for _ in range(n)]
+            for epoch in range(lo, hi + 1):
+                pieces = [p for g, c in enumerate(curs)
+                          for p in self._unread(i, epoch, c, g // old_slots, old_world, g % old_slots, old_slots)]
+                for g, dealt in enumerate(self._deal(i, epoch, pieces, n)):
+                    plans[g][str(epoch)] = dealt
+            drawn = sum(c["drawn"] for c in curs)
+            for g in range(n):
+                states[g]["cursors"].append({"epoch": lo, "shard": 0, "offset": 0, "drawn": _share(drawn, g, n),
+                                             "plans": plans[g]})
+        return states[self.env.rank * self.slots:(self.env.rank + 1) * self.slots]
+
+    def _unread(self, i: int, epoch: int, cur: dict[str, Any], rank: int, world_size: int, slot: int,
+                slots: int) -> list[list[int]]:
+        """The pieces of set ``i``'s epoch ``epoch`` that a slot at cursor ``cur`` (of ``rank`` in an old world)
+        would still have read: all of its order for a later epoch than its own, the rest for its own."""
+        if cur["epoch"] > epoch:
+            return []
+        mine = cur.get("plans", {}).get(str(epoch))
+        if mine is None:
+            mine = [[s, 0] for s in self.shards_of_epoch(i, epoch, slot, rank, world_size, slots)]
+        if cur["epoch"] == epoch:  # the rest of the piece in flight, then the pieces after it
+            mine = [[shard, max(start, cur["offset"]) if j == cur["shard"] else start]
+                    for j, (shard, start) in enumerate(mine) if j >= cur["shard"]]
+        return [[shard, start] for shard, start in mine if start < self.counts[i][shard]]
+
+    def _deal(self, i: int, epoch: int, pieces: list[list[int]], n: int) -> list[list[list[int]]]:
+        """``pieces`` of set ``i``'s epoch over ``n`` slots: largest first to the slot with the fewest samples
+        (ties: the lower slot); each slot's pieces in the epoch's shard order."""
+        position = {int(s): k for k, s in enumerate(self._epoch_order(i, epoch))}
+        load = [0] * n
+        dealt: list[list[list[int]]] = [[] for _ in range(n)]
+        for shard, start in sorted(pieces, key=lambda p: (p[1] - self.counts[i][p[0]], position[p[0]])):
+            g = min(range(n), key=lambda k: (load[k], k))
+            load[g] += self.counts[i][shard] - start
+            dealt[g].append([shard, start])
+        return [sorted(d, key=lambda p: position[p[0]]) for d in dealt]
 
     def _features(self, raw: dict[str, Any]) -> dict[str, Any]:
         key, url = raw.get("__key__"), raw.get("__url__")
@@ -223,7 +324,8 @@ class PretrainData:
         tok = self.tokenizer(sample["txt"], padding="max_length", truncation=True, max_length=self.max_len)
         s = raw["__set__"]
         out: dict[str, Any] = {
-            "__key__": sample["__key__"], "set_index": s, "falsified": bool(meta.get("falsified", False)),
+            "__key__": sample["__key__"], "__epoch__": raw["__epoch__"], "set_index": s,
+            "falsified": bool(meta.get("falsified", False)),
             "input_ids": np.asarray(tok["input_ids"], dtype=np.int64),
             "attention_mask": np.asarray(tok["attention_mask"], dtype=np.int64),
         }
@@ -286,16 +388,25 @@ class PretrainData:
                 state["bad"] = base_bad + handler.count
                 out = collate(batch)
                 out["_state"] = copy.deepcopy(state)
+                if self.cfg.record_keys:
+                    out["_record"] = {"keys": out["keys"], "sets": [s["set_index"] for s in batch],
+                                      "epochs": [s["__epoch__"] for s in batch]}
                 yield out
                 batch = []
 
-    def loader(self, state: dict[str, Any] | None = None) -> "StatefulLoader":
-        """An endless batch iterator for this rank, from the start or from a :meth:`StatefulLoader.state_dict`."""
+    def loader(self, state: dict[str, Any] | list[dict[str, Any]] | None = None) -> "StatefulLoader":
+        """An endless batch iterator for this rank, from the start, from a :meth:`StatefulLoader.state_dict`,
+        or from every rank's state of a run with another world size (see :class:`StatefulLoader`)."""
         return StatefulLoader(self, state)
 
 
 _VIEW_FIELD = {"jpg": "jpg", "gen": "gen.jpg"}
 _SOFT_PREFIX = {"jpg": "jpg", "gen": "gen"}
+
+
+def _share(total: int, k: int, n: int) -> int:
+    """Part ``k`` of ``total`` split over ``n`` as evenly as integers allow (the parts sum to ``total``)."""
+    return total // n + (k < total % n)
 
 
 def _read_vocab(set_dir: Path) -> dict[str, Any] | None:
@@ -357,12 +468,18 @@ class StatefulLoader:
 
     The DataLoader serves its workers round-robin, worker 0 first. After ``n`` batches the next one comes
     from slot ``n % slots``; a resumed loader therefore gives worker ``w`` slot ``(w + next) % slots``, which
-    continues the same round-robin sequence."""
+    continues the same round-robin sequence.
 
-    def __init__(self, data: PretrainData, state: dict[str, Any] | None = None):
+    ``state`` is None (a fresh start), this rank's :meth:`state_dict` (an exact resume), or the list of
+    every rank's state of a run with another world size (:meth:`PretrainData.redistribute`)."""
+
+    def __init__(self, data: PretrainData, state: dict[str, Any] | list[dict[str, Any]] | None = None):
         self.data = data
         if state is None:
             self.states = [data.initial_slot_state(s) for s in range(data.slots)]
+            self.next_slot = 0
+        elif isinstance(state, list):
+            self.states = data.redistribute(state)
             self.next_slot = 0
         else:
             check = {"world_size": data.env.world_size, "slots": data.slots, "batch_size": data.cfg.batch_size,
@@ -393,8 +510,19 @@ class StatefulLoader:
         state = batch.pop("_state")
         slot = self.next_slot
         self.states[slot] = state
+        record = batch.pop("_record", None)
+        if record is not None:
+            self._record(slot, state["batches"], record)
         self.next_slot = (slot + 1) % self.data.slots
         return batch
+
+    def _record(self, slot: int, batches: int, record: dict[str, Any]) -> None:
+        env = self.data.env
+        path = Path(self.data.cfg.record_keys) / f"keys-rank{env.rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = {"rank": env.rank, "world_size": env.world_size, "slot": slot, "batch": batches, **record}
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
 
     def start(self) -> None:
         """Start the workers now. The DataLoader draws its base seed from the torch generator here, so the

@@ -70,6 +70,14 @@ class LossConfig:
     soft_labels: Literal["file", "online"] = "file"  # soft.npz, or PROMU's online mode
     online_threshold: float = 0.0  # online mode: rows whose top probability is lower are masked
     prompt_grad: bool = True  # backpropagate the alignments into the prompt encodings
+    # Entity prompts scored per step (0 = every prompt): the ones the batch's soft labels name, plus random
+    # others up to this many (a sampled softmax). Encoding a vocabulary of thousands of prompts each step
+    # otherwise costs many times the batch itself.
+    entity_prompts_per_step: int = 0
+
+    def validate(self) -> None:
+        if self.entity_prompts_per_step < 0:
+            raise ValueError("entity_prompts_per_step: must be >= 0")
 
     def used_views(self, objectives: tuple[str, ...] = ("itc", "itm", "entity", "relation")) -> list[str]:
         """The views some objective with a non-zero weight needs, in a fixed order."""
@@ -147,35 +155,45 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # -- 1. ITC --------------------------------------------------------------------------------------------------
 def itc_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
              positive: torch.Tensor, image_present: torch.Tensor, gather: bool = True,
-             local_loss: bool = True) -> torch.Tensor:
+             local_loss: bool = True, text_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over L2-normalised features scaled by ``exp(logit_scale)`` (clamped to 100).
 
     ``positive`` (B,) marks rows whose own pair is a match (not falsified, image present): only they are
     scored. ``image_present`` (B,) marks images that exist: the others are never a text's negative. Texts
-    are always present. Every rank must pass the same B."""
+    are always present. ``text_ids`` (B, L), when given, removes false negatives: another column with the
+    very same text as an image's own caption (NewsCLIPpings pairs each caption with a second, falsified
+    image, and both samples can meet in one global batch) is left out of that image's softmax. Every rank
+    must pass the same B."""
     with _fp32(image_features):
         return _itc(image_features.float(), text_features.float(), logit_scale.float(), positive, image_present,
-                    gather, local_loss)
+                    gather, local_loss, text_ids)
 
 
-def _itc(image_features, text_features, logit_scale, positive, image_present, gather, local_loss):
+def _itc(image_features, text_features, logit_scale, positive, image_present, gather, local_loss, text_ids=None):
     img = F.normalize(image_features, dim=-1)
     txt = F.normalize(text_features, dim=-1)
     scale = logit_scale.exp().clamp(max=100)
     rank, world = _world()
     b = img.shape[0]
+    all_ids = text_ids
     if gather and world > 1:
         all_img, all_txt = gather_features(img), gather_features(txt)
         all_pos, all_present = gather_mask(positive), gather_mask(image_present)
+        if text_ids is not None:
+            all_ids = gather_features(text_ids, with_grad=False)
     else:
         all_img, all_txt, all_pos, all_present, rank = img, txt, positive, image_present, 0
     if local_loss or not gather:
-        rows_img, rows_txt, rows_pos = img, txt, positive
+        rows_img, rows_txt, rows_pos, rows_ids = img, txt, positive, text_ids
         labels = torch.arange(b, device=img.device) + rank * b
     else:
-        rows_img, rows_txt, rows_pos = all_img, all_txt, all_pos
+        rows_img, rows_txt, rows_pos, rows_ids = all_img, all_txt, all_pos, all_ids
         labels = torch.arange(all_img.shape[0], device=img.device)
     logits_i2t = scale * rows_img @ all_txt.T
+    if text_ids is not None:
+        twin = (rows_ids[:, None, :] == all_ids[None, :, :]).all(-1)
+        twin[torch.arange(len(labels), device=img.device), labels] = False
+        logits_i2t = logits_i2t.masked_fill(twin, torch.finfo(torch.float32).min)
     logits_t2i = (scale * rows_txt @ all_img.T).masked_fill(~all_present[None, :], torch.finfo(torch.float32).min)
     ce_i2t = F.cross_entropy(logits_i2t, labels, reduction="none")
     ce_t2i = F.cross_entropy(logits_t2i, labels, reduction="none")
@@ -254,12 +272,19 @@ class Objectives(nn.Module):
             if getattr(self, f"{name}_ids").shape[0] == 0:
                 self.active[name] = False  # no prompts in any set: nothing to align to (train.py says so)
 
-    def _prompt_embeddings(self, name: str) -> torch.Tensor:
-        """(P, E): each prompt's template texts encoded, L2-normalised and averaged (CLIP's prompt ensembling)."""
+    def _prompt_embeddings(self, name: str, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """(P, E): each prompt's template texts encoded, L2-normalised and averaged (CLIP's prompt ensembling);
+        only the prompts ``columns`` lists, in that order, when given."""
         ids, mask, owner = getattr(self, f"{name}_ids"), getattr(self, f"{name}_mask"), getattr(self, f"{name}_owner")
         n = getattr(self, f"{name}_allowed").shape[1]
+        if columns is not None:
+            new_index = torch.full((n,), -1, dtype=torch.long, device=owner.device)
+            new_index[columns] = torch.arange(len(columns), device=owner.device)
+            rows = new_index[owner] >= 0
+            ids, mask, owner, n = ids[rows], mask[rows], new_index[owner][rows], len(columns)
         with torch.set_grad_enabled(self.cfg.prompt_grad and torch.is_grad_enabled()):
-            texts = F.normalize(self.model.text_proj(self.model.encode_text(ids, mask)[:, 0]).float(), dim=-1)
+            states = self.model.encode_text(ids, mask)
+            texts = F.normalize(self.model.text_proj(self.model.text_feature(states, mask)).float(), dim=-1)
             if texts.shape[0] == n:  # one text per prompt
                 return texts
             total = torch.zeros(n, texts.shape[1], device=texts.device).index_add(0, owner, texts)
@@ -268,9 +293,11 @@ class Objectives(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         m, cfg = self.model, self.cfg
         text = m.encode_text(batch["input_ids"], batch["attention_mask"])
-        text_feat = m.text_proj(text[:, 0])
+        text_feat = m.text_proj(m.text_feature(text, batch["attention_mask"]))
         falsified = batch["falsified"].bool()
-        prompts = {name: self._prompt_embeddings(name) for name in ("entity", "relation") if self.active[name]}
+        columns = self._entity_columns(batch)
+        prompts = {name: self._prompt_embeddings(name, columns if name == "entity" else None)
+                   for name in ("entity", "relation") if self.active[name]}
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.active}
         for view in VIEWS:
             wants = [name for name, on in self.active.items() if on and view in getattr(cfg.views, name)]
@@ -283,7 +310,7 @@ class Objectives(nn.Module):
             regions = m.region_features(image, boxes, images, box_mask) if set(wants) - {"itc"} else None
             if "itc" in wants:
                 parts["itc"].append(itc_loss(image_feat, text_feat, m.logit_scale, present & ~falsified, present,
-                                             cfg.gather, cfg.local_loss))
+                                             cfg.gather, cfg.local_loss, batch["input_ids"]))
             if not set(wants) - {"itc"}:
                 continue
             cls, fused_regions = m.fuse(text, batch["attention_mask"], image["tokens"], regions, boxes, box_mask)
@@ -294,10 +321,14 @@ class Objectives(nn.Module):
             if "entity" in wants:
                 pred = scaled_cosine(m.region_proj(fused_regions), prompts["entity"], m.align_logit_scale)
                 allowed = allowed_rows["entity"][:, None, :]
+                if columns is not None:
+                    allowed = allowed[..., columns]
                 if cfg.soft_labels == "online":
                     target, rows = self._online(m.image_proj(regions), prompts["entity"], allowed, box_mask)
                 else:
                     target, rows = batch[f"{view}.obj_ent"], batch[f"{view}.obj_mask"].bool() & box_mask
+                    if columns is not None:
+                        target = target[..., columns]
                 parts["entity"].append(soft_kl(pred, target, rows, allowed))
             if "relation" in wants:
                 pred = scaled_cosine(m.relation_proj(cls), prompts["relation"], m.align_logit_scale)
@@ -316,6 +347,23 @@ class Objectives(nn.Module):
                 out[name] = value.detach()
         out["loss"] = total
         return out
+
+    def _entity_columns(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The entity prompts this step scores under ``entity_prompts_per_step``: every prompt a soft label of
+        the batch puts mass on, then random others (the torch RNG, so a resumed run draws the same) up to the
+        budget, sorted. None: all of them."""
+        budget, total = self.cfg.entity_prompts_per_step, self.entity_allowed.shape[1]
+        if not self.active["entity"] or budget == 0 or total <= budget:
+            return None
+        named = torch.zeros(total, dtype=torch.bool, device=self.entity_allowed.device)
+        if self.cfg.soft_labels == "file":
+            for view in self.cfg.views.entity:
+                if f"{view}.obj_ent" in batch:
+                    named |= (batch[f"{view}.obj_ent"] > 0).flatten(0, -2).any(0)
+        others = (~named).nonzero().squeeze(1)
+        extra = max(0, budget - int(named.sum()))
+        pick = others[torch.randperm(len(others))[:extra].to(others.device)]
+        return torch.cat([named.nonzero().squeeze(1), pick]).sort().values
 
     def _online(self, features: torch.Tensor, prompt_emb: torch.Tensor, allowed: torch.Tensor,
                 rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

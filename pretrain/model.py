@@ -67,6 +67,9 @@ class ModelConfig:
     regions: Literal["pool", "crop"] = "pool"  # pool patch tokens inside boxes, or re-encode box crops
     temperature: float = 0.07  # initial ITC / alignment temperature (learned, as CLIP)
     attn: Literal["sdpa", "eager"] = "sdpa"
+    # The unimodal text feature (ITC, prompt embeddings): the [CLS] state (ALBEF, for a pretrained BERT), or the
+    # mean of the token states (sentence-transformers; a text encoder trained from scratch collapses its [CLS]).
+    text_pool: Literal["cls", "mean"] = "cls"
     dropout: float | None = None  # fusion dropout; None = the text encoder's hidden_dropout_prob
 
     def validate(self) -> None:
@@ -236,6 +239,13 @@ class MieModel(nn.Module):
         """Token states (B, L, H) of the text encoder; position 0 is ``[CLS]``."""
         return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
+    def text_feature(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The unimodal text feature (B, H) of token states (B, L, H), pooled as ``text_pool`` says."""
+        if self.config.text_pool == "cls":
+            return states[:, 0]
+        keep = attention_mask.to(states.dtype)[..., None]
+        return (states * keep).sum(1) / keep.sum(1).clamp(min=1)
+
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """``uint8`` (B, 3, S, S) → the normalised float input of the vision encoder."""
         x = (images.float() - self.pixel_mean.float()) / self.pixel_std.float()
@@ -289,6 +299,13 @@ class MieModel(nn.Module):
         """Fusion over ``[text tokens; region tokens]`` with cross-attention to the image tokens.
 
         Returns the multimodal ``[CLS]`` (B, H) and the multimodal region features (B, K, H)."""
+        tokens, fused_regions = self.fuse_tokens(text_states, text_mask, image_tokens, regions, boxes, box_mask)
+        return tokens[:, 0], fused_regions
+
+    def fuse_tokens(self, text_states: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor,
+                    regions: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`fuse` with every multimodal text token (B, L, H) instead of only ``[CLS]``: what token-level
+        fine-tuning (tagging, span pooling) reads."""
         area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
         geometry = torch.cat([boxes, area], -1).to(self.box_embed.weight.dtype)
         region_tokens = self.region_norm(self.region_to_fusion(regions.to(self.region_to_fusion.weight.dtype))
@@ -300,7 +317,7 @@ class MieModel(nn.Module):
         for layer in self.fusion:
             hidden = layer(hidden, attention_mask=self_mask, encoder_hidden_states=image)
         length = text_states.shape[1]
-        return hidden[:, 0], hidden[:, length:]
+        return hidden[:, :length], hidden[:, length:]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor,
                 boxes: torch.Tensor, box_mask: torch.Tensor) -> dict[str, torch.Tensor]:

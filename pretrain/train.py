@@ -2,8 +2,9 @@
 
 The same code runs on GPUs (NCCL, bf16) and on the CPU (``DS_ACCELERATOR=cpu``, gloo, fp32) for tests and
 the quickstart. Start one process per GPU with ``torchrun`` or ``srun``; a plain ``mie pretrain`` is a world
-of one. ``main`` reads top to bottom: set up, build, resume, loop over ``train_step`` (→ ``forward_backward``
-per micro-batch), checkpoint, log, plot.
+of one. ``pretrain`` reads top to bottom: set up, build, resume, loop over ``train_step`` (→ ``forward_backward``
+per micro-batch), checkpoint, log, plot. ``main`` runs it with SIGUSR1/SIGTERM turned into "checkpoint at the
+next step boundary, requeue, exit 75" (:mod:`mie.launch.preempt`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from mie.launch import config as config_lib
 from mie.launch.dist import DistEnv
 from mie.launch.errors import UserError
 from mie.launch.log import RunLogger, WandbConfig
+from mie.launch.preempt import Preemption
 from mie.pretrain.checkpoint import (CheckpointConfig, Checkpointer, changed_settings, find_resume, git_revision,
                                      set_rng_state)
 from mie.pretrain.data import DataConfig, PretrainData
@@ -94,7 +96,15 @@ class Diverged(UserError):
 
 
 def main(cfg: PretrainConfig, env: DistEnv) -> dict[str, Any]:
-    """Train; returns the final metrics row (rank 0's view)."""
+    """Train; returns the final metrics row (rank 0's view). A preemption signal ends the process (exit 75)
+    after a checkpoint."""
+    # From the first line on, so that a signal during setup is not fatal either: it is acted on at step 0.
+    with Preemption(env) as pre:
+        return pretrain(cfg, env, pre)
+
+
+def pretrain(cfg: PretrainConfig, env: DistEnv, pre: Preemption) -> dict[str, Any]:
+    """Set up, resume, train to ``max_steps``; ``pre`` is asked at every step boundary."""
     out = Path(cfg.out)
     # Inputs first (checkpoint, tokenizer, shard sets, model files): a bad config fails in seconds, before DeepSpeed.
     resume_from = find_resume(cfg.checkpoint, out, env, config_lib.to_dict(cfg))
@@ -120,14 +130,18 @@ def main(cfg: PretrainConfig, env: DistEnv) -> dict[str, Any]:
     step, loader_state, rng = ckpt.resume(resume_from)
     seed_everything(cfg.seed + 1 + env.rank)  # dropout and negative sampling differ per rank
     loader = data.loader(loader_state)
-    loader.start()  # draws the DataLoader's seed from the torch generator: before restoring RNG states
+    with pre.shielded():  # the forked workers ignore the preemption signals: this process acts on them
+        loader.start()  # draws the DataLoader's seed from the torch generator: before restoring RNG states
     if rng is not None:
         set_rng_state(rng)
     log.info(f"pretraining {count_params(objectives.model)} parameters on {env.world_size} × {device.type}, "
              f"{data.samples} samples in {len(cfg.data.sets)} set(s), views {views}, step {step} → {cfg.max_steps}")
     meter = Meter(engine, cfg.data.batch_size * cfg.engine.grad_accum * env.world_size)
     row: dict[str, Any] = {}
+    saved = step  # the newest checkpoint's step (0: none, and nothing trained to lose)
     while step < cfg.max_steps:
+        if pre.requested(lambda flag: max_over_ranks(flag, device)):
+            stop_preempted(pre, ckpt, loader, log, step, saved, row)
         step += 1
         losses = train_step(engine, loader, device, step, ckpt)
         meter.add(losses)
@@ -137,11 +151,32 @@ def main(cfg: PretrainConfig, env: DistEnv) -> dict[str, Any]:
             log.info(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
         if ckpt.due(step) or step == cfg.max_steps:
             ckpt.save(step, loader.state_dict(), {"data": loader.stats(), "losses": row})
+            saved = step
     loader.close()
     if env.is_main:
         plot_losses(out / "metrics.jsonl", out / "loss_curve.png")
     log.close()
     return row
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The maximum of ``value`` over all ranks: one tiny all-reduce on the process group's device."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def stop_preempted(pre: Preemption, ckpt: Checkpointer, loader, log: RunLogger, step: int, saved: int,
+                   row: dict[str, Any]) -> NoReturn:
+    """Every rank at the same step boundary: checkpoint ``step`` (unless it is saved already, e.g. the signal
+    came during that save, or nothing has been trained yet), then requeue and exit 75."""
+    if step > saved:
+        ckpt.save(step, loader.state_dict(), {"data": loader.stats(), "losses": row})
+    where = f"checkpoint {ckpt.last}" if ckpt.last is not None else "nothing trained yet, no checkpoint"
+    log.info(f"preempted by {pre.signal_name} at step {step}; {where}")
+    loader.close()
+    log.close()
+    pre.finish(log.info, barrier=dist.barrier)
 
 
 def train_step(engine, loader, device: torch.device, step: int, ckpt: Checkpointer) -> dict[str, float]:
@@ -233,21 +268,29 @@ def ds_config(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
         "constant": {"type": "WarmupLR", "params": {
             "warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_type": "linear"}},
     }
-    precision = resolve_precision(cfg.engine.precision, device)
+    return base_ds_config(cfg.data.batch_size, cfg.engine.grad_accum, o.clip, cfg.engine.zero_stage,
+                          resolve_precision(cfg.engine.precision, device), {"scheduler": schedulers[o.schedule]},
+                          cfg.engine.ds)
+
+
+def base_ds_config(micro_batch: int, grad_accum: int, clip: float, zero_stage: int, precision: str,
+                   *overlays: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config every mie engine shares (pretraining, fine-tuning), ``overlays`` merged in order."""
     conf: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.engine.grad_accum,
-        "gradient_clipping": o.clip,
-        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": precision == "bf16"},
-        "scheduler": schedulers[o.schedule],
         "zero_allow_untested_optimizer": True,  # the torch optimizer we pass in
         "steps_per_print": 2**31 - 1,  # mie logs itself
         "wall_clock_breakdown": False,
     }
     if precision == "amp_bf16":
         conf["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    return _merge(conf, cfg.engine.ds)
+    for overlay in overlays:
+        conf = _merge(conf, overlay)
+    return conf
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -62,10 +62,13 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def sample_pipeline(urls: list[str], handler: CountingHandler | None = None, decode: bool = True) -> wds.DataPipeline:
-    """Decoded samples of ``urls``, split by node (torch.distributed rank) and by DataLoader worker."""
+def sample_pipeline(urls: list[str], handler: CountingHandler | None = None, decode: bool = True,
+                    by_node: bool = True) -> wds.DataPipeline:
+    """Decoded samples of ``urls``, split by node (torch.distributed rank; ``by_node=False``: every rank
+    reads every shard) and by DataLoader worker."""
     handler = handler or CountingHandler()
-    stages: list[Any] = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=handler)]
+    stages: list[Any] = [wds.SimpleShardList(urls), *([wds.split_by_node] if by_node else []), wds.split_by_worker,
+                         wds.tarfile_to_samples(handler=handler)]
     if decode:
         stages.append(wds.map(decode_sample, handler=handler))
     return wds.DataPipeline(*stages)

@@ -232,3 +232,54 @@ def test_zero_weight_objective_is_not_computed(tiny_cfg):
     out = obj(synthetic_batch())
     assert set(out) == {"loss", "itc", "itm"}
     assert obj.cfg.used_views() == ["jpg"]
+
+
+def test_entity_prompt_sampling_keeps_named_prompts_and_matches_the_full_loss(tiny_cfg):
+    torch.manual_seed(0)
+    prompts = _AllPrompts()
+    prompts.entity = _Prompts(2, 12)
+    prompts.entity.allowed[:] = True
+    model = MieModel(tiny_cfg, vocab_size=2048).eval()
+    batch = synthetic_batch(p_ent=12)
+    named = torch.zeros(12, dtype=torch.bool)
+    for cols in ([1, 4], [4, 7]):  # soft labels that name prompts 1, 4 and 7 only
+        ent = torch.zeros(4, 3, 12)
+        ent[..., cols] = 0.5
+        batch["jpg.obj_ent"] = batch["gen.obj_ent"] = ent
+        named[cols] = True
+    cfg = {"views": {"entity": ["jpg"]}, "weights": {"itc": 0.0, "itm": 0.0, "relation": 0.0}}
+    sampled = Objectives(model, config_lib.from_dict(LossConfig, {**cfg, "entity_prompts_per_step": 5}), prompts)
+    cols = sampled._entity_columns(batch)
+    assert len(cols) == 5 and torch.equal(cols, cols.sort().values) and {4, 7} <= set(cols.tolist())
+    # With every prompt in the budget the sampled loss is the full one; with fewer it is the same KL over
+    # the drawn columns (the target's mass is all inside them).
+    full = Objectives(model, config_lib.from_dict(LossConfig, cfg), prompts)(batch)["entity"]
+    everything = Objectives(model, config_lib.from_dict(LossConfig, {**cfg, "entity_prompts_per_step": 12}), prompts)
+    assert everything._entity_columns(batch) is None
+    torch.manual_seed(3)
+    cols = sampled._entity_columns(batch)
+    torch.manual_seed(3)
+    part = sampled(batch)["entity"]
+    full_emb = Objectives(model, config_lib.from_dict(LossConfig, cfg), prompts)._prompt_embeddings("entity")
+    torch.testing.assert_close(sampled._prompt_embeddings("entity", cols), full_emb[cols])
+    assert torch.isfinite(part) and part.item() <= full.item() + 1e-6  # fewer competitors, no larger KL
+
+
+def test_itc_leaves_out_the_falsified_twin_of_an_images_caption():
+    # rows: image A with caption a (pristine), image B with caption a again (falsified twin), image C with c.
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7071, 0.7071]])
+    txt = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    ids = torch.tensor([[5, 6], [5, 6], [7, 8]])
+    positive, present = torch.tensor([True, False, True]), torch.ones(3, dtype=torch.bool)
+    with_twin = itc_loss(img, txt, torch.zeros(1), positive, present)
+    without = itc_loss(img, txt, torch.zeros(1), positive, present, text_ids=ids)
+
+    def ce(logits, label):
+        return -torch.log_softmax(torch.tensor(logits), 0)[label].item()
+
+    s = img @ txt.T
+    # image A's softmax without column 1 (the same text a); texts' softmaxes are unchanged
+    i2t = [ce([s[0, 0], s[0, 2]], 0), ce(s[2].tolist(), 2)]
+    t2i = [ce(s[:, 0].tolist(), 0), ce(s[:, 2].tolist(), 2)]
+    assert without.item() == pytest.approx((sum(i2t) / 2 + sum(t2i) / 2) / 2, abs=1e-5)
+    assert without.item() < with_twin.item()

@@ -3,7 +3,8 @@
 * Entities: the CRF tagger of :mod:`mie.finetune.tasks.twitter_ner` over the (fused) word states.
 * Regions: the top-K boxes of the sample's ``det.json`` (view ``jpg``, best first, in pixels of the
   stored image) are the candidates. Each candidate is a box-geometry embedding (+ its detector score),
-  plus, when the modality uses images, the vision feature map pooled inside the box (RoIAlign).
+  plus, when the modality uses images, the vision feature map pooled inside the box (RoIAlign), and,
+  with a pretrained ``mie export`` backbone, the box's multimodal region feature from its fusion layers.
   An entity (mean of its word states) scores every candidate and a "no region" slot; the softmax
   over the K + 1 slots is trained with KL toward H-Index's target: the candidates whose IoU with
   any gold box of the entity is > 0.5, weighted by that IoU and normalised, or "no region" for an
@@ -69,10 +70,11 @@ def grounding_target(gold_boxes: list[list[float]], cand_original: list[list[flo
 class Grounder(nn.Module):
     """Scores K candidate regions and a "no region" slot for each entity."""
 
-    def __init__(self, hidden: int, vision_dim: int, dropout: float):
+    def __init__(self, hidden: int, vision_dim: int, dropout: float, fused_regions: bool = False):
         super().__init__()
         self.geo = nn.Sequential(nn.Linear(6, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.vis = nn.Linear(vision_dim, hidden) if vision_dim else None
+        self.fused = nn.Linear(hidden, hidden) if fused_regions else None
         self.ent = nn.Linear(hidden, hidden)
         self.score = nn.Sequential(nn.Dropout(dropout), nn.Linear(3 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
         self.no_region = nn.Linear(hidden, 1)
@@ -86,6 +88,9 @@ class Grounder(nn.Module):
             vis = torch.zeros(*feats.shape[:2], pooled.shape[-1], device=feats.device, dtype=pooled.dtype)
             vis[b_idx, k_idx] = pooled * enc.image_present[b_idx, None]
             feats = feats + self.vis(vis)
+        if self.fused is not None and enc.regions is not None:
+            present = enc.image_present[:, None, None] & batch["cand_mask"][..., None]
+            feats = feats + self.fused(enc.regions) * present
         return feats
 
     def forward(self, ents: torch.Tensor, cands: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
@@ -97,10 +102,11 @@ class Grounder(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, hidden: int, vision_dim: int, image_size: int, types: list[str], opts: GmnerOptions):
+    def __init__(self, hidden: int, vision_dim: int, image_size: int, types: list[str], opts: GmnerOptions,
+                 fused_regions: bool = False):
         super().__init__()
         self.tagger = CrfTagger(hidden, types, opts.dropout)
-        self.grounder = Grounder(hidden, vision_dim, opts.dropout)
+        self.grounder = Grounder(hidden, vision_dim, opts.dropout, fused_regions)
         self.image_size, self.weight = image_size, opts.grounding_weight
 
     def _ground(self, enc: Encoded, batch: dict[str, Any], spans: list[list[tuple[int, int]]]) -> torch.Tensor:
@@ -167,7 +173,8 @@ class Task:
                      "ground": [grounding_target(e.get("boxes") or [], cands["original"]) for e in ents]}
 
     def head(self, backbone: Any) -> Head:
-        return Head(backbone.hidden, backbone.vision_dim, backbone.image_size, self.types, self.opts)
+        return Head(backbone.hidden, backbone.vision_dim, backbone.image_size, self.types, self.opts,
+                    backbone.fused_regions)
 
     def collate(self, examples: list[Any], batch: dict[str, Any]) -> None:
         """Candidate slots: boxes in model-input pixels, geometry features, and the slot mask."""
