@@ -18,20 +18,8 @@ import torch
 
 from conftest import REPO, read_shards
 from mie.launch.dist import DistEnv
-from mie.pretrain.model import load_tokenizer
-from test_pretrain_data import MODEL, make_data
-from test_pretrain_fixtures import toy_shards
+from test_pretrain_data import make_data, shards, tokenizer  # noqa: F401  (the module-scoped fixtures)
 from test_pretrain_train import env, metrics, mie, write_config
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> dict[str, Path]:
-    return toy_shards(tmp_path_factory.getbasetemp() / "pretrain_shards")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(MODEL.text)
 
 
 def all_keys(shards) -> list[set[str]]:
