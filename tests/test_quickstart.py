@@ -42,10 +42,7 @@ def test_bad_quickstart_settings_are_refused():
 
 
 def _res(f1: float, task: str) -> dict:
-    from mie.finetune.metrics import MAIN_METRIC
-
-    section, key = MAIN_METRIC[task]
-    return {"test": {section: {key: f1}}}
+    return {"test": {section: {"f1": f1} for section, _ in qs.METRICS[task]}}
 
 
 def test_report_table_says_helps_only_beyond_the_seed_spread(tmp_path, monkeypatch):
@@ -63,8 +60,8 @@ def test_report_table_says_helps_only_beyond_the_seed_spread(tmp_path, monkeypat
     quality = {"pretraining set": {"map50": 0.91, "top1": 0.84, "top1_n": 100}}
     path = qs.write_report(cfg, results, quality, {"world": 1.0, "pretrain": 2.5})
     text = path.read_text()
-    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| gmner") or
-            line.startswith("| mnre")}
+    rows = {line.split(" | ")[0].strip("|* "): line for line in text.splitlines()
+            if line.startswith(("| **gmner", "| **mnre"))}
     assert "| 60.00 | 50.00 | +10.00 | 4.00 / 2.00 | yes |" in rows["gmner"]
     assert "| 52.00 | 50.00 | +2.00 | 6.00 / 0.00 | no |" in rows["mnre"]
     assert "58.00, 60.00, 62.00" in rows["gmner"]
