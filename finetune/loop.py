@@ -61,7 +61,7 @@ from mie.finetune.tasks.mnre import MnreOptions
 from mie.finetune.tasks.twitter_ner import NerOptions
 from mie.launch import config as config_lib
 from mie.launch.config import ConfigError
-from mie.launch.dist import DistEnv
+from mie.launch.dist import DistEnv, barrier, max_over_ranks
 from mie.launch.log import RunLogger, WandbConfig, progress
 from mie.launch.preempt import Preemption
 from mie.pretrain.checkpoint import ResumeError, rng_state, set_rng_state
@@ -204,11 +204,11 @@ def fine_tune(cfg: FinetuneConfig, env: DistEnv, preempt: Preemption) -> dict[st
                               ("cpu" if cfg.device == "auto" else cfg.device))
     engine_name = "deepspeed" if use_deepspeed else "torch"
     resume_from, set_aside = find_last(out, cfg, env, engine_name)
-    _barrier()  # every rank has decided before rank 0 clears anything
+    barrier()  # every rank has decided before rank 0 clears anything
     if env.is_main and resume_from is None:
         _clear(out)
         config_lib.save(cfg, out / "config.toml")
-    _barrier()
+    barrier()
     log = RunLogger(env, out, cfg.wandb, config_lib.to_dict(cfg))
     if set_aside:
         log.warn(f"{out / LAST} was written by another config ({', '.join(set_aside)} differ): starting over")
@@ -266,7 +266,7 @@ def fine_tune(cfg: FinetuneConfig, env: DistEnv, preempt: Preemption) -> dict[st
         save_last(trainer, out, env, state, loader_state, {"config": _identity(cfg), "engine": engine_name})
 
     t0 = time.time() - state.train_seconds
-    any_rank = _any_rank if dist.is_initialized() and env.world_size > 1 else None
+    any_rank = max_over_ranks if dist.is_initialized() and env.world_size > 1 else None
     while not state.done:
         epoch = state.epoch + 1
         epoch_start_step = state.step - state.batch
@@ -288,7 +288,7 @@ def fine_tune(cfg: FinetuneConfig, env: DistEnv, preempt: Preemption) -> dict[st
                 log.info(f"{preempt.signal_name}: checkpointed epoch {epoch} at batch {state.batch} "
                          f"(step {state.step}) in {out / LAST}; a re-run continues from there")
                 log.close()
-                preempt.finish(log.info, barrier=_barrier)
+                preempt.finish(log.info, barrier=barrier)
             if not steps_left():
                 break
         epoch_loss = float(np.mean([v for s, v in state.losses if s > epoch_start_step] or [0.0]))
@@ -315,7 +315,7 @@ def fine_tune(cfg: FinetuneConfig, env: DistEnv, preempt: Preemption) -> dict[st
         if not state.done and preempt.requested(any_rank):
             log.info(f"{preempt.signal_name}: stopping after epoch {epoch}, checkpointed in {out / LAST}")
             log.close()
-            preempt.finish(log.info, barrier=_barrier)
+            preempt.finish(log.info, barrier=barrier)
     train_minutes = (time.time() - t0) / 60
 
     load_checkpoint(model, out / "best")
@@ -338,7 +338,7 @@ def fine_tune(cfg: FinetuneConfig, env: DistEnv, preempt: Preemption) -> dict[st
         _write_json(out / "results.json", results)  # last: the run is complete from here on
         for name in (LAST, LAST + ".old"):  # only a resume needs it, and a finished run is never resumed
             shutil.rmtree(out / name, ignore_errors=True)
-    _barrier()
+    barrier()
     log.info(f"best epoch {state.best_epoch}; test {json.dumps(results['test'])} → {out}")
     log.close()
     return results
@@ -683,14 +683,14 @@ def save_last(trainer: Trainer, out: Path, env: DistEnv, state: Progress, loader
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     trainer.save(tmp)
     torch.save({"loader": loader_state, "rng": rng_state()}, tmp / f"rank{env.rank:05d}.pt")
-    _barrier()
+    barrier()
     if env.is_main:
         atomic_write_json(tmp / "meta.json", {**meta, "world_size": env.world_size, "progress": asdict(state)})
         replace_dir(tmp, out / LAST)
-    _barrier()
+    barrier()
 
 
 def find_last(out: Path, cfg: FinetuneConfig, env: DistEnv, engine: str) -> tuple[Path | None, list[str]]:
@@ -737,14 +737,3 @@ def _identity(cfg: FinetuneConfig) -> dict[str, Any]:
     return d
 
 
-def _any_rank(flag: int) -> int:
-    """The maximum of ``flag`` over the ranks (one all-reduce)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([flag], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -59,3 +59,23 @@ def world_info_from_env(environ: Mapping[str, str] | None = None, use_array: boo
     if not 0 <= info.rank < info.world_size:
         raise ValueError(f"rank {info.rank} is outside world size {info.world_size} ({info.launcher})")
     return info
+
+
+def barrier() -> None:
+    """``torch.distributed.barrier()`` when a process group of more than one rank is up; else nothing."""
+    import torch.distributed as dist  # here: this module is read by every command, most never need torch
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def max_over_ranks(value: int) -> int:
+    """The maximum of ``value`` over all ranks: one tiny all-reduce on the process group's device (the current
+    GPU under NCCL, else the CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

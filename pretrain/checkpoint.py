@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mie.launch.dist import DistEnv
+from mie.launch.dist import DistEnv, barrier
 from mie.launch.errors import UserError
 from mie.launch.log import RunLogger
 from mie.shards.writer import atomic_write_bytes, atomic_write_json
@@ -260,7 +260,7 @@ class Checkpointer:
                 ds_to_universal.main(args)
             (work / done.name).rename(done)
             shutil.rmtree(work)
-        _barrier()
+        barrier()
         return done
 
     def _load_buffers(self, source: Path) -> None:
@@ -294,13 +294,13 @@ class Checkpointer:
         tmp = rank_file.with_name(rank_file.name + ".tmp")
         torch.save({"step": step, "loader": loader_state, "rng": rng_state()}, tmp)
         tmp.replace(rank_file)
-        _barrier()
+        barrier()
         if self.env.is_main:
             atomic_write_json(path / "mie_meta.json", {**self.meta, **extra, "step": step,
                                                        "world_size": self.env.world_size, "time": time.time()})
             atomic_write_bytes(self.dir / LATEST, tag.encode())
             self._prune(keep=path)
-        _barrier()
+        barrier()
         self.last = path
         self._since = time.monotonic()
         self.log.info(f"checkpoint {path}")
@@ -326,6 +326,3 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mie.launch import config as config_lib
-from mie.launch.dist import DistEnv
+from mie.launch.dist import DistEnv, max_over_ranks
 from mie.launch.errors import UserError
 from mie.launch.log import RunLogger, WandbConfig
 from mie.launch.preempt import Preemption
@@ -140,7 +140,7 @@ def pretrain(cfg: PretrainConfig, env: DistEnv, pre: Preemption) -> dict[str, An
     row: dict[str, Any] = {}
     saved = step  # the newest checkpoint's step (0: none, and nothing trained to lose)
     while step < cfg.max_steps:
-        if pre.requested(lambda flag: max_over_ranks(flag, device)):
+        if pre.requested(max_over_ranks):
             stop_preempted(pre, ckpt, loader, log, step, saved, row)
         step += 1
         losses = train_step(engine, loader, device, step, ckpt)
@@ -157,13 +157,6 @@ def pretrain(cfg: PretrainConfig, env: DistEnv, pre: Preemption) -> dict[str, An
         plot_losses(out / "metrics.jsonl", out / "loss_curve.png")
     log.close()
     return row
-
-
-def max_over_ranks(value: int, device: torch.device) -> int:
-    """The maximum of ``value`` over all ranks: one tiny all-reduce on the process group's device."""
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def stop_preempted(pre: Preemption, ckpt: Checkpointer, loader, log: RunLogger, step: int, saved: int,
