@@ -25,7 +25,7 @@ import importlib
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -93,6 +93,11 @@ class Encoded:
     image_map: torch.Tensor | None  # (B, C, h, w)
     image_present: torch.Tensor | None  # (B,) bool
     regions: torch.Tensor | None = None  # (B, K, H) fused features of the batch's ``cand_boxes`` (pretrained fusion)
+    # Pretraining's entity–object alignment (a `mie export`): the fused regions in the prompt space, the
+    # learned logit scale, and the encoder of entity prompts into that space.
+    align_regions: torch.Tensor | None = None  # (B, K, E)
+    align_scale: torch.Tensor | None = None  # ()
+    encode_prompts: Callable[[list[str]], torch.Tensor] | None = None  # texts → (N, E)
 
     def span_mean(self, batch_idx: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """Mean word state of each span ``[start, end)`` of example ``batch_idx`` → (E, H)."""
@@ -100,6 +105,16 @@ class Encoded:
         w = ((pos[None] >= starts[:, None]) & (pos[None] < ends[:, None]) & self.word_mask[batch_idx]).float()
         w = w / w.sum(1, keepdim=True).clamp(min=1)
         return torch.einsum("ew,ewh->eh", w, self.words[batch_idx])
+
+    def region_alignment(self, batch_idx: torch.Tensor, prompts: list[str]) -> torch.Tensor | None:
+        """Pretraining's entity–object logits (E, K): each entity prompt (e.g. "a photo of red zorb") against
+        the regions of its example ``batch_idx``, scored exactly as the entity–object objective scores them
+        (scaled cosine in the prompt space). None without an export's regions."""
+        if self.align_regions is None or self.encode_prompts is None:
+            return None
+        text = torch.nn.functional.normalize(self.encode_prompts(prompts), dim=-1)
+        regions = torch.nn.functional.normalize(self.align_regions[batch_idx], dim=-1)
+        return self.align_scale * torch.einsum("ed,ekd->ek", text, regions)
 
 
 class Fusion(nn.Module):
@@ -179,10 +194,7 @@ class Backbone(nn.Module):
                 if k == 0:
                     image_map, present0 = fmap, present
             tokens = self.fusion(tokens, batch["attention_mask"].bool(), mem)
-        idx = batch["word_index"]
-        words = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
-        words = words * batch["word_mask"][..., None]
-        return Encoded(tokens, words, batch["word_mask"], image_map, present0)
+        return Encoded(tokens, word_states(tokens, batch), batch["word_mask"], image_map, present0)
 
 
 class PretrainedBackbone(Backbone):
@@ -230,10 +242,29 @@ class PretrainedBackbone(Backbone):
             tokens = torch.where(present0[:, None, None], fused, tokens)
             h, w = first["grid"]
             image_map = first["patches"].transpose(1, 2).reshape(b, -1, h, w)
-        idx = batch["word_index"]
-        words = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
-        words = words * batch["word_mask"][..., None]
-        return Encoded(tokens, words, batch["word_mask"], image_map, present0, regions)
+        words = word_states(tokens, batch)
+        enc = Encoded(tokens, words, batch["word_mask"], image_map, present0, regions)
+        if regions is not None:
+            enc.align_regions = m.region_proj(regions)
+            enc.align_scale = m.align_logit_scale.float().exp().clamp(max=100).squeeze()
+            enc.encode_prompts = self.encode_prompts
+        return enc
+
+    def encode_prompts(self, texts: list[str]) -> torch.Tensor:
+        """Entity prompts in pretraining's prompt space (N, E): the text encoder, pooled and projected as the
+        entity–object objective encodes its prompts."""
+        m = self.model
+        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=m.config.text.prompt_len,
+                             return_tensors="pt").to(m.text_proj.weight.device)
+        states = m.encode_text(tok["input_ids"], tok["attention_mask"])
+        return m.text_proj(m.text_feature(states, tok["attention_mask"]))
+
+
+def word_states(tokens: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The state of each word's first subword (B, W, H), zero for words cut by truncation."""
+    idx = batch["word_index"]
+    words = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+    return words * batch["word_mask"][..., None]
 
 
 def roi_features(image_map: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -381,25 +381,29 @@ def collate(examples: list[Example], tokenizer: Any, max_length: int, views: tup
                              "word_index": word_index, "word_mask": word_mask, "examples": examples}
     if views:
         batch["images"] = {v: _images(examples, v, image_size) for v in views}
-        batch["det_boxes"], batch["det_mask"] = _detections(examples)
+        batch["det_boxes"], batch["det_mask"], batch["det_classes"] = _detections(examples)
     task.collate(examples, batch)
     return batch
 
 
-def _detections(examples: list[Example], top_k: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-K ``jpg`` detections of each sample (``det.json``) as fractions of the image side, (B, K, 4), and
-    their mask: the region tokens a pretrained backbone's fusion takes (as in pretraining)."""
+def _detections(examples: list[Example], top_k: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-K ``jpg`` detections of each sample (``det.json``) as fractions of the image side, (B, K, 4), their
+    mask and their detector class ids (B, K): the region tokens a pretrained backbone's fusion takes (as in
+    pretraining) and what relation heads read of each region."""
     k = max([1] + [min(top_k, len(((ex.det or {}).get("jpg") or {}).get("boxes", []))) for ex in examples])
     boxes, mask = torch.zeros(len(examples), k, 4), torch.zeros(len(examples), k, dtype=torch.bool)
+    classes = torch.zeros(len(examples), k, dtype=torch.long)
     for i, ex in enumerate(examples):
-        found = ((ex.det or {}).get("jpg") or {}).get("boxes", [])[:k]
+        view = (ex.det or {}).get("jpg") or {}
+        found = view.get("boxes", [])[:k]
         size = ex.labels.get("jpg_size")
         if not found or not size:
             continue
         w, h = size
         boxes[i, :len(found)] = torch.tensor([[b[0] / w, b[1] / h, b[2] / w, b[3] / h] for b in found]).clamp(0, 1)
         mask[i, :len(found)] = True
-    return boxes, mask
+        classes[i, :len(found)] = torch.tensor([int(c) for c in view.get("classes", [0] * len(found))[:k]])
+    return boxes, mask, classes
 
 
 def _images(examples: list[Example], view: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:

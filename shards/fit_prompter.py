@@ -13,6 +13,12 @@ open_clip's own model and tokenizer) on two kinds of pairs, mixed in every batch
              post's own candidates), or "<colour> <shape>" for an object no caption mentions. This is
              the entity-object alignment the soft labels are scored on, with the truth boxes as labels.
 
+``relation`` each image that shows a relation (two named objects nearly touching, :func:`~mie.shards.toyfit.
+             shown_relations`) ↔ ``relation_template`` filled with the relation's phrase ("person member of
+             organization", the phrase the pseudolabel stage's default relations file gives it). A real
+             teacher (a web-scale CLIP) has seen "a person in front of a building"; without this the
+             prompter has never seen a relation phrase and its image → relation soft labels are noise.
+
 The names are random pseudo-words, so the model learns that they say nothing and the colour word
 decides. Images are preprocessed once with the model's own eval transform and texts tokenized once; the
 loop is plain AdamW with open_clip_train's warm-up + cosine schedule. ``<output>.work/last.pt`` holds the
@@ -38,10 +44,12 @@ from mie.launch.dist import DistEnv
 from mie.launch.log import RunLogger
 from mie.shards.detect import ModelFileError, crop
 from mie.shards.pseudolabel import ClipConfig, check_clip_files
+from mie.shards.entities import relation_phrase
+from mie.shards.toy import MNRE_LABELS
 from mie.shards.toyfit import FitOutput, Pair, ToyWorldError, caption_pairs, world_digest
 from mie.shards.writer import atomic_write_bytes, sha256_file
 
-PairKind = Literal["caption", "crop"]
+PairKind = Literal["caption", "crop", "relation"]
 
 
 @dataclass
@@ -53,8 +61,9 @@ class FitPrompterConfig:
     model: str = "mie-clip-tiny"  # open_clip model name: built in, or the file stem of model_config
     model_config: str = "configs/shards/toy/mie-clip-tiny.json"  # JSON architecture ("" for a built-in model)
     init_checkpoint: str = ""  # start from this open_clip checkpoint; "" = random weights seeded by seed
-    pairs: list[PairKind] = field(default_factory=lambda: ["caption", "crop"])
+    pairs: list[PairKind] = field(default_factory=lambda: ["caption", "crop", "relation"])
     crop_template: str = "a photo of {}"  # the pseudolabel stage's entity template
+    relation_template: str = "a photo of {}"  # the pseudolabel stage's relation template
     box_jitter: float = 0.1  # crop boxes moved by up to this fraction of their side, per edge
     max_pairs: int = 0  # use the first N captions of the split; 0 = all
     epochs: int = 20
@@ -69,15 +78,16 @@ class FitPrompterConfig:
 
     def validate(self) -> None:
         if not self.pairs or len(set(self.pairs)) != len(self.pairs):
-            raise ValueError("pairs: give each of caption|crop at most once, at least one")
+            raise ValueError("pairs: give each of caption|crop|relation at most once, at least one")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs: must be >= 1; batch_size: must be >= 2 (contrastive)")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.max_pairs < 0:
             raise ValueError("lr: must be > 0; weight_decay/warmup_steps/max_pairs: must be >= 0")
         if not 0.0 <= self.box_jitter < 0.5:
             raise ValueError("box_jitter: must be in [0, 0.5)")
-        if self.crop_template.count("{}") != 1:
-            raise ValueError(f"crop_template: must contain exactly one {{}}, got {self.crop_template!r}")
+        for key in ("crop_template", "relation_template"):
+            if getattr(self, key).count("{}") != 1:
+                raise ValueError(f"{key}: must contain exactly one {{}}, got {getattr(self, key)!r}")
         if self.threads < 0:
             raise ValueError("threads: must be >= 0")
 
@@ -123,7 +133,10 @@ def main(cfg: FitPrompterConfig, env: DistEnv) -> dict[str, Any] | None:
     metrics: dict[str, Any] = {"final_loss": round(loss, 4), "pairs": len(images),
                                "fit_seconds": round(time.time() - t0, 1)}
     if cfg.eval_split:
-        metrics.update(crop_accuracy(model, preprocess, tokenizer, caption_pairs(world, cfg.eval_split), cfg))
+        held_out = caption_pairs(world, cfg.eval_split)
+        metrics.update(crop_accuracy(model, preprocess, tokenizer, held_out, cfg))
+        if "relation" in cfg.pairs:
+            metrics.update(relation_accuracy(model, preprocess, tokenizer, held_out, cfg))
     buf = io.BytesIO()
     torch.save({"state_dict": model.state_dict()}, buf)
     meta = out.publish(buf.getvalue(), metrics)
@@ -182,6 +195,10 @@ def training_pairs(pairs: list[Pair], cfg: FitPrompterConfig):
             for o in p.objects:
                 images.append(crop(im, _jitter(rng, o["box"], cfg.box_jitter)))
                 texts.append(cfg.crop_template.format(mention(o)))
+        if "relation" in cfg.pairs:
+            for name in p.relations:
+                images.append(im)
+                texts.append(cfg.relation_template.format(relation_phrase(name)))
     return images, texts
 
 
@@ -266,3 +283,30 @@ def crop_accuracy(model, preprocess, tokenizer, pairs: list[Pair], cfg: FitPromp
             total += len(named)
     model.train()
     return {"eval_split": cfg.eval_split, "eval_top1": round(right / total, 4) if total else None, "eval_crops": total}
+
+
+def relation_accuracy(model, preprocess, tokenizer, pairs: list[Pair], cfg: FitPrompterConfig) -> dict[str, Any]:
+    """Held-out top-1 over the MNRE relation phrases: each image that shows exactly one relation, its best
+    phrase against the shown one."""
+    import torch
+    from PIL import Image
+
+    names = list(MNRE_LABELS[1:])
+    shown = [p for p in pairs if len(p.relations) == 1]
+    if not shown:
+        return {"eval_relation_top1": None, "eval_relation_images": 0}
+    model.eval()
+    with torch.inference_mode():
+        t = model.encode_text(tokenizer([cfg.relation_template.format(relation_phrase(n)) for n in names]).to(cfg.device),
+                              normalize=True)
+        right = 0
+        for i in range(0, len(shown), cfg.batch_size):
+            part = shown[i:i + cfg.batch_size]
+            ims = []
+            for p in part:
+                with Image.open(p.image) as im:
+                    ims.append(preprocess(im.convert("RGB")))
+            best = (model.encode_image(torch.stack(ims).to(cfg.device), normalize=True) @ t.T).argmax(1).tolist()
+            right += sum(names[b] == p.relations[0] for b, p in zip(best, part))
+    model.train()
+    return {"eval_relation_top1": round(right / len(shown), 4), "eval_relation_images": len(shown)}

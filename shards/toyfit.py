@@ -66,6 +66,7 @@ class Pair:
     image: Path  # the image file
     truth_key: str  # its key in truth.json
     objects: list[dict[str, Any]]
+    relations: list[str]  # MNRE names of the relations the image shows (see :func:`shown_relations`)
 
 
 def image_records(world: Path, key: str = "world") -> dict[str, str]:
@@ -78,6 +79,7 @@ def caption_pairs(world: Path, split: str, key: str = "world") -> list[Pair]:
     """The pristine pairs of a split (``train``, ``val`` or ``test``) of the NewsCLIPpings-style data, in
     file order, each with its image's truth objects."""
     truth = load_truth(world, key)["images"]
+    near = near_px(world, key)
     records = load_json(world / ORIGIN / "data.json", list, ToyWorldError, key)
     by_id = {str(r["id"]): r for r in records}
     ann = load_json(world / NEWS / "data" / "toy" / f"{split}.json", dict, ToyWorldError, key)
@@ -87,9 +89,34 @@ def caption_pairs(world: Path, split: str, key: str = "world") -> list[Pair]:
             continue
         rec = by_id[str(a["image_id"])]
         tkey = (ORIGIN / Path(rec["image_path"])).as_posix()
-        pairs.append(Pair(str(a["id"]), by_id[str(a["id"])]["caption"], world / tkey, tkey,
-                          truth[tkey]["objects"]))
+        objects = truth[tkey]["objects"]
+        pairs.append(Pair(str(a["id"]), by_id[str(a["id"])]["caption"], world / tkey, tkey, objects,
+                          shown_relations(objects, near)))
     return pairs
+
+
+def near_px(world: Path, key: str = "world") -> int:
+    """The world's "nearly touching" distance in pixels (the generator's rule for related objects)."""
+    from mie.shards.toy import MIN_SEP
+
+    cfg = load_json(world / "toy.json", dict, ToyWorldError, key)["config"]
+    return max(MIN_SEP, round(cfg["near_gap"] * cfg["image_size"]))
+
+
+def shown_relations(objects: list[dict[str, Any]], near: int) -> list[str]:
+    """MNRE names of the relations an image shows, by the world's rule: two objects of different named
+    entities that nearly touch (gap <= ``near`` px) and whose shapes have a label, in object order."""
+    from mie.shards.toy import RELATION_OF_TYPES, _gap
+
+    found = []
+    for i, a in enumerate(objects):
+        for b in objects[i + 1:]:
+            if not a["entity"] or not b["entity"] or a["entity"] == b["entity"] or _gap(a["box"], b["box"]) > near:
+                continue
+            label = RELATION_OF_TYPES.get((a["type"], b["type"])) or RELATION_OF_TYPES.get((b["type"], a["type"]))
+            if label:
+                found.append(label)
+    return found
 
 
 def refers(candidate: str, name: str) -> bool:

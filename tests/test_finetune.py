@@ -53,9 +53,10 @@ def add_detections(in_dir: Path, out_dir: Path, truth: dict) -> None:
         for s in batch:
             meta = json.loads(s["json"])
             rng = random.Random(meta["id"])
-            objs = truth[f"images/{meta['id']}.jpg"]["objects"]
+            objs = truth[f"images/{meta.get('img_id') or meta['id'] + '.jpg'}"]["objects"]
             boxes = [[v + rng.uniform(-2, 2) for v in o["box"]] for o in objs] + [[0.0, 0.0, 12.0, 12.0]]
-            det = {"jpg": {"boxes": boxes, "scores": [0.9] * len(objs) + [0.3], "classes": [0] * len(boxes)}}
+            classes = [list(toy.TYPE_OF_SHAPE).index(o["shape"]) for o in objs] + [0]  # a shape detector's
+            det = {"jpg": {"boxes": boxes, "scores": [0.9] * len(objs) + [0.3], "classes": classes}}
             out.append({"det.json": json.dumps(det).encode()})
         return out
     map_shard_set(in_dir, out_dir, "detect-fixture", {"jitter": 2}, DistEnv(), fn, batch_size=8)
@@ -74,9 +75,10 @@ def world(tmp_path_factory) -> dict[str, Path]:
         build_mod.main(cfg, DistEnv())
         paths[corpus] = root / "shards" / corpus
     truth = json.loads((root / "toy" / "truth.json").read_text())["images"]
-    for split in ("train", "dev", "test"):
-        add_detections(root / "shards" / "gmner" / split, root / "shards" / "gmner_det" / split, truth)
-    paths["gmner_det"] = root / "shards" / "gmner_det"
+    for corpus in ("gmner", "mnre", "jmere"):
+        for split in ("train", "dev", "test"):
+            add_detections(root / "shards" / corpus / split, root / "shards" / f"{corpus}_det" / split, truth)
+        paths[f"{corpus}_det"] = root / "shards" / f"{corpus}_det"
     return paths
 
 

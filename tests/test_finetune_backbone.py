@@ -73,11 +73,10 @@ def test_pretrained_fusion_gives_region_features_for_candidates(export_dir):
     torch.testing.assert_close(enc.tokens[1], text_only[1])  # the second has no image: text states
 
 
-@pytest.mark.parametrize("task", ["gmner", "mnre"])
+@pytest.mark.parametrize("task", ["gmner", "mnre", "jmere"])
 def test_finetune_from_export_in_image_mode(world, export_dir, tmp_path, task):  # noqa: F811
-    over = {"backbone.path": str(export_dir), "modality": "image", "optim.epochs": 1}
-    if task == "gmner":
-        over["data.shards"] = str(world["gmner_det"])
+    over = {"backbone.path": str(export_dir), "modality": "image", "optim.epochs": 1,
+            "data.shards": str(world[f"{task}_det"])}
     res = loop.main(make_cfg(world, task, tmp_path / "run", **over), DistEnv())
     scored = ev.evaluate(task, tmp_path / "run" / "predictions.jsonl", gold_path(world, task), "test")
     assert {k: v for k, v in scored.items() if k in res["test"]} == res["test"]
@@ -86,4 +85,6 @@ def test_finetune_from_export_in_image_mode(world, export_dir, tmp_path, task): 
     assert any(k.startswith("backbone.model.fusion.") for k in state)
     if task == "gmner":
         assert "head.grounder.fused.weight" in state
+    else:  # the relation heads ground their entities in the detections
+        assert "head.regions.class_embed.weight" in state
     assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["backbone"]["init"] == "pretrained"

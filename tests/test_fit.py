@@ -29,7 +29,8 @@ from mie.shards import fit_prompter as fp
 from mie.shards import pseudolabel as pl
 from mie.shards import toy
 from mie.shards.detect import DetectConfig, Detector, ModelFileError, decode_rgb
-from mie.shards.toyfit import FitMismatch, refers, score
+from mie.shards.entities import relation_phrase
+from mie.shards.toyfit import FitMismatch, caption_pairs, near_px, refers, score, shown_relations
 from mie.shards.writer import ShardSetWriter
 
 TINY_CLIP = {"embed_dim": 32,
@@ -121,6 +122,7 @@ def test_fitted_detector_loads_in_the_stage_detector(world, fitted):
 def test_fitted_prompter_loads_in_the_stage_scorer(world, fitted):
     meta = fitted["prompter"]
     assert np.isfinite(meta["metrics"]["final_loss"]) and meta["metrics"]["eval_crops"] > 0
+    assert meta["metrics"]["eval_relation_images"] >= 0 and "eval_relation_top1" in meta["metrics"]
     scorer = pl.ClipScorer(config_lib.from_dict(pl.ClipConfig, {
         "model": "test-fit-clip", "model_config": str(world["clip_json"]), "checkpoint": str(fitted["clip"])}))
     # The published weights are the trained ones, not a fresh initialisation.
@@ -132,6 +134,24 @@ def test_fitted_prompter_loads_in_the_stage_scorer(world, fitted):
     for k, v in scorer.model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert scorer.texts(["a photo of red zorb"]).shape == (1, 32)
+
+
+def test_relation_pairs_follow_the_world_rule(world):
+    """An image shows a relation when two named objects nearly touch and their shapes have a label."""
+    def obj(entity, kind, box):
+        return {"entity": entity, "type": kind, "box": box}
+    objects = [obj("Ann", "PER", [0, 0, 10, 10]), obj("Bo", "LOC", [13, 0, 20, 10]),  # gap 3: near
+               obj(None, "ORG", [0, 12, 10, 20]),  # unnamed: never related
+               obj("Cy", "OTHER", [30, 30, 40, 40]),  # far from all
+               obj("Dee", "ORG", [30, 43, 40, 50]),  # near Cy, but ORG-OTHER has no label
+               obj("Ann", "PER", [50, 50, 60, 60]), obj("Ann", "PER", [61, 50, 70, 60])]  # one entity's two boxes
+    assert shown_relations(objects, near=3) == ["/per/loc/place_of_residence"]
+    assert shown_relations(objects, near=2) == []
+    assert near_px(world["world"]) == max(toy.MIN_SEP, round(0.04 * 64))
+    pairs = fp.training_pairs(caption_pairs(world["world"], "train"), config_lib.from_dict(
+        fp.FitPrompterConfig, prompter_cfg(world, pairs=["relation"])))[1]
+    assert pairs and all(t.startswith("a photo of ") for t in pairs)
+    assert set(pairs) <= {f"a photo of {relation_phrase(r)}" for r in toy.RELATION_OF_TYPES.values()}
 
 
 def test_rerun_skips_and_another_config_is_refused(world, fitted):

@@ -3,7 +3,11 @@
 The head and tail are wrapped in marker words in the encoder input (by default ``@ head @`` and
 ``# tail #``, punctuation markers in the style of Zhou & Chen's typed entity markers: they are in
 every vocabulary, so no embedding is added). The classifier reads the pooled entity features:
-the state of each start marker and the mean state of each entity's words, concatenated.
+the state of each start marker, the mean state of each entity's words and the post's ``[CLS]`` state (with
+an image: the multimodal ``[CLS]``, which alignment pretraining's relation–image objective trains to tell
+the relation the image shows), concatenated, and, when the post has an image, the pair as the image shows
+it: the regions the two entities attend to and their geometry
+(:class:`~mie.finetune.tasks.regions.PairRegions`).
 
 Labels are the 23 of ``ours_rel2id.json`` (HVPNeT / MKGformer / TMR order); a label the training set
 has beyond them is appended.
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mie.finetune.backbone import Encoded
+from mie.finetune.tasks.regions import PairRegions, RegionOptions
 from mie.shards.toy import MNRE_LABELS
 
 
@@ -27,6 +32,7 @@ from mie.shards.toy import MNRE_LABELS
 class MnreOptions:
     dropout: float = 0.1
     markers: list[str] = field(default_factory=lambda: ["@", "@", "#", "#"])  # head start/end, tail start/end
+    regions: RegionOptions = field(default_factory=RegionOptions)
 
     def validate(self) -> None:
         if len(self.markers) != 4 or not all(m.strip() for m in self.markers):
@@ -59,9 +65,10 @@ def with_markers(tokens: list[str], head: tuple[int, int], tail: tuple[int, int]
 
 
 class Head(nn.Module):
-    def __init__(self, hidden: int, labels: list[str], dropout: float):
+    def __init__(self, hidden: int, labels: list[str], dropout: float, regions: PairRegions):
         super().__init__()
-        self.classify = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * hidden, hidden), nn.GELU(),
+        self.regions = regions
+        self.classify = nn.Sequential(nn.Dropout(dropout), nn.Linear(5 * hidden + regions.out_dim, hidden), nn.GELU(),
                                       nn.Dropout(dropout), nn.Linear(hidden, len(labels)))
         self.labels = labels
 
@@ -70,8 +77,13 @@ class Head(nn.Module):
         pos = {k: torch.tensor([ex.target[k] for ex in batch["examples"]], dtype=torch.long, device=dev)
                for k in ("h_marker", "t_marker", "h_start", "h_end", "t_start", "t_end")}
         b = torch.arange(enc.words.shape[0], device=dev)
-        feats = torch.cat([enc.words[b, pos["h_marker"]], enc.words[b, pos["t_marker"]],
-                           enc.span_mean(b, pos["h_start"], pos["h_end"]), enc.span_mean(b, pos["t_start"], pos["t_end"])], -1)
+        h_mean, t_mean = enc.span_mean(b, pos["h_start"], pos["h_end"]), enc.span_mean(b, pos["t_start"], pos["t_end"])
+        regions = self.regions.regions(enc, batch)
+        prompts = [[ex.target["prompts"][i] for ex in batch["examples"]] for i in (0, 1)]
+        pair = self.regions.pairs(self.regions.ground(enc, b, h_mean, prompts[0], regions),
+                                  self.regions.ground(enc, b, t_mean, prompts[1], regions))
+        feats = torch.cat([enc.tokens[:, 0], enc.words[b, pos["h_marker"]], enc.words[b, pos["t_marker"]], h_mean, t_mean,
+                           pair], -1)
         return self.classify(feats)
 
     def loss(self, enc: Encoded, batch: dict[str, Any]) -> torch.Tensor:
@@ -100,10 +112,14 @@ class Task:
     def prepare(self, ex: Any) -> None:
         h, t = ex.labels["head"], ex.labels["tail"]
         ex.words, pos = with_markers(ex.labels["tokens"], (h["start"], h["end"]), (t["start"], t["end"]), self.opts.markers)
-        ex.target = {**pos, "label": self.index.get(ex.labels["relation"], 0)}
+        tokens = ex.labels["tokens"]
+        prompts = [self.opts.regions.prompt(tokens, e["start"], e["end"]) for e in (h, t)]
+        ex.target = {**pos, "label": self.index.get(ex.labels["relation"], 0), "prompts": prompts}
 
     def head(self, backbone: Any) -> Head:
-        return Head(backbone.hidden, self.labels, self.opts.dropout)
+        return Head(backbone.hidden, self.labels, self.opts.dropout,
+                    PairRegions(backbone.hidden, backbone.vision_dim, backbone.image_size, backbone.fused_regions,
+                               self.opts.regions.classes))
 
     def collate(self, examples: list[Any], batch: dict[str, Any]) -> None:
         """Nothing beyond the loop's tensors: marker positions are read from the examples."""
