@@ -211,7 +211,9 @@ def test_grounding_target_follows_h_index():
     assert gmner.grounding_target([[0, 0, 10, 10]], []) == [1.0]  # no det.json
     labels = {"jpg_size": [50, 40], "image_size": [100, 80]}
     c = gmner.candidates(labels, {"jpg": {"boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "scores": [0.9, 0.8]}}, top_k=1)
-    assert c == {"stored": [[1.0, 2.0, 3.0, 4.0]], "original": [[2.0, 4.0, 6.0, 8.0]], "scores": [0.9]}
+    assert c == {"stored": [[1.0, 2.0, 3.0, 4.0]], "original": [[2.0, 4.0, 6.0, 8.0]], "scores": [0.9], "classes": [0]}
+    det = {"jpg": {"boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "scores": [0.9, 0.8], "classes": [3, 1]}}
+    assert gmner.candidates(labels, det, top_k=5)["classes"] == [3, 1]
     assert gmner.candidates(labels, None, 5)["original"] == []
 
 
@@ -251,3 +253,26 @@ def test_jmere_pairs_are_direction_agnostic_targets():
     task.prepare(ex)
     assert task.relations == ["None", "member_of"]
     assert ex.target["pair_labels"] == [1, 0, 0]  # (A,B) related though written (B,A); (A,C), (B,C) not
+
+
+def test_group_by_length_sorts_runs_of_the_epoch_order():
+    """`optim.group_by_length`: the same samples as the plain epoch order, each run of 50 batches sorted by
+    length, the order a function of (seed, epoch) alone, and `skip` still counts positions in that order."""
+    from mie.launch.dist import DistEnv as Env
+
+    data = [loop.Example(key=str(i), id=str(i), labels={}, images={}, det=None, words=["w"] * (i % 37 + 1))
+            for i in range(250)]
+    plain = loop.EpochSampler(data, Env(), seed=3)
+    grouped = loop.EpochSampler(data, Env(), seed=3, group_by=(lambda ex: len(ex.words), 2))
+    for s in (plain, grouped):
+        s.set_epoch(1)
+    p, g = list(plain), list(grouped)
+    assert sorted(p) == sorted(g) == list(range(250)) and p != g
+    for k in range(0, 250, 100):  # runs of 50 batches × 2
+        run = g[k:k + 100]
+        assert sorted(run) == sorted(p[k:k + 100])
+        assert [len(data[i].words) for i in run] == sorted((len(data[i].words) for i in run), reverse=True)
+    grouped.set_epoch(1, skip=7)
+    assert list(grouped) == g[7:]
+    grouped.set_epoch(2)
+    assert list(grouped) != g

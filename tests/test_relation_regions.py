@@ -114,3 +114,25 @@ def test_detections_carry_their_classes():
     boxes, mask, classes = loop._detections([ex, bare])
     torch.testing.assert_close(boxes[0], torch.tensor([[0.1, 0.1, 0.5, 0.5], [0, 0, 1, 1]]))
     assert mask.tolist() == [[True, True], [False, False]] and classes.tolist() == [[2, 7], [0, 0]]
+
+
+def test_gmner_grounding_adds_the_alignment_logits_and_types_from_the_referred_region():
+    from mie.finetune.tasks import gmner
+
+    torch.manual_seed(0)
+    head = gmner.Head(8, 0, 64, ["LOC", "PER"], gmner.GmnerOptions(), fused_regions=False)
+    last = head.grounder.score[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    torch.nn.init.zeros_(head.grounder.no_region.weight)
+    torch.nn.init.zeros_(head.grounder.no_region.bias)
+    enc = _encoded(1, 2)
+    enc.align_regions, enc.align_scale = torch.randn(1, 2, 6), torch.tensor(5.0)
+    enc.encode_prompts = lambda texts: torch.ones(len(texts), 6)
+    ex = loop.Example(key="k", id="a", labels={}, images={}, det=None, words=["the", "red", "x", "!", "y"])
+    batch = {"examples": [ex], "cand_geo": torch.rand(1, 2, 6), "cand_boxes": torch.rand(1, 2, 4) * 64,
+             "cand_mask": torch.tensor([[True, True]]), "cand_classes": torch.tensor([[1, 0]])}
+    logp, types = head._ground(enc, batch, [[(2, 3), (4, 5)]])
+    prior = enc.region_alignment(torch.tensor([0, 0]), ["a photo of red x", "a photo of ! y"])
+    torch.testing.assert_close(logp, torch.cat([prior, torch.zeros(2, 1)], 1).log_softmax(-1))
+    assert types.shape == (2, 2)
