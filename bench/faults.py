@@ -98,8 +98,11 @@ def wait_for(found: Callable[[], bool], proc: subprocess.Popen, what: str, timeo
     """Wait until ``found()``; the monotonic time then, or None if the process ended first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if found():
-            return time.monotonic()
+        try:
+            if found():
+                return time.monotonic()
+        except FileNotFoundError:  # the running stage renamed a directory while it was being walked
+            pass
         if proc.poll() is not None:
             return None
         time.sleep(0.002)
