@@ -1,19 +1,19 @@
-"""Entity pairs described by the image regions their entities refer to (shared by MNRE and JMERE).
+"""Entities grounded in the image regions they refer to (MNRE and JMERE pairs; GMNER's prompts).
 
 A relation in a post with an image is often a fact about two objects of the picture: what each is and
 where they are. The text states of the two entities alone cannot carry that unless the backbone has
 already tied each mention to its object. :class:`PairRegions` makes the tie explicit and latent: each
 entity's state attends over the sample's detected regions (``det.json``'s top-K ``jpg`` boxes) plus a
-"no region" slot, and the pair is described by the two attended region features, their product and
-the geometry of the two attended boxes (centre offsets, gaps between the boxes, sizes) and their
-detector classes (YOLO's class of each box: "person", "car"; in the toy world, the shape). Nothing
-supervises the attention but the relation loss, so a backbone whose region states are already aligned
-with entity mentions (alignment pretraining's entity–object objective) grounds from the first step,
-while one with fresh weights must discover the tie from the relation labels alone. From a ``mie export``
-the attention also adds pretraining's own entity–object logits (:meth:`Encoded.region_alignment`) of the
-entity's prompt: ``template`` filled with the mention and the ``context_words`` words before it, as
-pretraining's entity prompts are noun chunks ("a photo of the red zorb") while an annotated span is often
-the name alone.
+"no region" slot, and a pair is described by the two attended region states, the two attended
+detector-class embeddings (YOLO's class of a box: "person", "car"; in the toy world, the shape) and
+their product, and the geometry of the two attended boxes (centre offset, gaps, distance, sizes). No
+box label supervises the attention (only the relation loss, and JMERE's typing loss), so a backbone
+whose regions are already aligned with entity mentions (alignment pretraining's entity–object
+objective) grounds from the first step, while one with fresh weights must discover the tie from the
+task's labels alone. From a ``mie export`` the attention adds pretraining's own entity–object logits
+(:meth:`Encoded.region_alignment`) of the entity's prompt (:class:`RegionOptions`): ``template`` filled
+with the mention and the ``context_words`` words before it, as pretraining's entity prompts are noun
+chunks ("a photo of the red zorb") while an annotated span is often the name alone.
 
 The region states are the backbone's fused region tokens (:attr:`Encoded.regions`, a ``mie export``),
 else features pooled inside each box from the vision feature map (a Hugging Face text encoder + timm
@@ -52,9 +52,9 @@ class RegionOptions:
 
 
 def pair_geometry(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(P, 10) geometry of box pairs given as fractions (x1, y1, x2, y2), (P, 4) each: centre offsets,
+    """(P, 10) geometry of box pairs given as fractions (x1, y1, x2, y2), (P, 4) each: the centre offset,
     horizontal and vertical gaps between the boxes (0 when they overlap on that axis), the larger gap,
-    and both boxes' width and height."""
+    the centre distance, and both boxes' width and height."""
     centre = lambda x: (x[:, :2] + x[:, 2:]) / 2  # noqa: E731
     offset = centre(b) - centre(a)
     gap = torch.stack([torch.maximum(a[:, 0], b[:, 0]) - torch.minimum(a[:, 2], b[:, 2]),
