@@ -190,6 +190,7 @@ class Task:
     def __init__(self, opts: GmnerOptions, train: list[Any], state: dict[str, Any] | None = None):
         self.opts = opts
         self.types = state["types"] if state else entity_types(train)
+        self.type_index = {t: i for i, t in enumerate(self.types)}
         self.dropped = 0
 
     def state(self) -> dict[str, Any]:
@@ -201,8 +202,7 @@ class Task:
         tags, dropped = bio_tags(len(ex.words), [(e["start"], e["end"], e["type"]) for e in ents])
         self.dropped += dropped
         cands = candidates(ex.labels, ex.det, self.opts.top_k)
-        index = {t: i for i, t in enumerate(self.types)}
-        ex.target = {"tags": tags, "cands": cands, "types": [index.get(e["type"], 0) for e in ents],
+        ex.target = {"tags": tags, "cands": cands, "types": [self.type_index.get(e["type"], 0) for e in ents],
                      "ground": [grounding_target(e.get("boxes") or [], cands["original"]) for e in ents]}
 
     def head(self, backbone: Any) -> Head:

@@ -3,11 +3,12 @@
 Choice: a **joint NER + pairwise relation head**, not EEGA's word-pair tagging. Entity spans come from
 the CRF tagger of :mod:`mie.finetune.tasks.twitter_ner` (types of the training set: per, org, loc,
 misc); each span is then typed again from its words and the image region it refers to (grounded as for
-the relations below), and that type is the one predicted; every unordered pair of entities of a sentence is classified into the relations of the
-training set or ``None``, from the two entities' mean word states, their product, a type
-embedding of each, the post's ``[CLS]`` state and, with an image, the regions the two entities attend
-to and their geometry (:class:`~mie.finetune.tasks.regions.PairRegions`, as MNRE). Training classifies the gold entities' pairs; prediction the decoded entities'
-pairs. The official scorer is direction-agnostic (EEGA enumerates both orders from a symmetric
+the relations below), and that type is the one predicted. Every unordered pair of entities of a sentence
+is classified into the relations of the training set or ``None``, from the two entities' mean word
+states, their product, a type embedding of each, the post's ``[CLS]`` state and, with an image, the
+regions the two entities attend to and their geometry (:class:`~mie.finetune.tasks.regions.PairRegions`,
+as MNRE). Training classifies the gold entities' pairs; prediction the decoded entities' pairs. The
+official scorer is direction-agnostic (EEGA enumerates both orders from a symmetric
 word-pair matrix), so a pair is written with the earlier entity as head.
 
 Prediction rows: ``{"id": <0-based index>, "triples": [{"head": [s, e], "head_type", "tail": [s, e],

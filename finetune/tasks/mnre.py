@@ -4,8 +4,7 @@ The head and tail are wrapped in marker words in the encoder input (by default `
 ``# tail #``, punctuation markers in the style of Zhou & Chen's typed entity markers: they are in
 every vocabulary, so no embedding is added). The classifier reads the pooled entity features:
 the state of each start marker, the mean state of each entity's words and the post's ``[CLS]`` state (with
-an image: the multimodal ``[CLS]``, which alignment pretraining's relation–image objective trains to tell
-the relation the image shows), concatenated, and, when the post has an image, the pair as the image shows
+an image: the multimodal ``[CLS]``, the state pretraining's relation–image objective trains), concatenated, and, when the post has an image, the pair as the image shows
 it: the regions the two entities attend to and their geometry
 (:class:`~mie.finetune.tasks.regions.PairRegions`).
 
