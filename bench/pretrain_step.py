@@ -1,6 +1,7 @@
 """The DeepSpeed pretraining step against a bare PyTorch step of the same model, batch and precision.
 
     .venv/bin/python bench/pretrain_step.py                      # CPU, tiny model, quick
+    .venv/bin/python bench/pretrain_step.py --config configs/quickstart/pretrain.toml  # the quickstart's step
     python bench/pretrain_step.py --preset base --batch 128 --precision amp_bf16 --zero 0,2 \\
         --compile --steps 20                                    # one H100: BERT-base + ViT-B/16 + 2 fusion
 
@@ -99,10 +100,12 @@ def timed(fn, steps: int, device: torch.device) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--batch", type=int, default=8, help="samples per step (one micro-batch)")
+    ap.add_argument("--config", default="", help="take the model from this pretraining TOML's [model] instead of --preset")
+    ap.add_argument("--batch", type=int, default=0, help="samples per step (one micro-batch); default 8, or --config's")
     ap.add_argument("--precision", choices=["auto", "fp32", "amp_bf16", "bf16"], default="auto",
                     help="auto: amp_bf16 on GPU, fp32 on CPU")
     ap.add_argument("--zero", default="0,2", help="DeepSpeed ZeRO stages to time, comma-separated")
+    ap.add_argument("--ds", default="{}", help="JSON merged into the DeepSpeed config (engine.ds), e.g. ZeRO knobs")
     ap.add_argument("--objectives", default="itc,itm,entity,relation")
     ap.add_argument("--views", default="jpg", help="image views the objectives train on: jpg | jpg,gen")
     ap.add_argument("--entities", type=int, default=256, help="entity prompts (M)")
@@ -132,7 +135,15 @@ def run(args) -> dict:
     precision = train.resolve_precision(args.precision, device)
     names = args.objectives.split(",")
     views = args.views.split(",")
-    model_cfg = config_lib.from_dict(ModelConfig, {**PRESETS[args.preset], "attn": "sdpa"})
+    model_dict = PRESETS[args.preset]
+    if args.config:  # the [model] of a pretraining TOML (e.g. the quickstart's), batch from its [data]
+        import tomllib
+
+        conf = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
+        model_dict = conf["model"]
+        args.batch = args.batch or conf.get("data", {}).get("batch_size", 8)
+    args.batch = args.batch or 8
+    model_cfg = config_lib.from_dict(ModelConfig, {**model_dict, "attn": "sdpa"})
     loss_cfg = config_lib.from_dict(LossConfig, {
         "weights": {n: float(n in names) for n in ("itc", "itm", "entity", "relation")},
         "views": {n: views for n in ("itc", "itm", "entity", "relation")}})
@@ -172,9 +183,10 @@ def run(args) -> dict:
     engines = {}
     for stage in [int(s) for s in args.zero.split(",") if s != ""]:
         cfg = config_lib.from_dict(train.PretrainConfig, {
-            "out": "unused", "model": PRESETS[args.preset], "data": {"sets": [{"dir": "unused"}], "batch_size": args.batch},
+            "out": "unused", "model": model_dict, "data": {"sets": [{"dir": "unused"}], "batch_size": args.batch},
             "optim": {"lr": 1e-5, "warmup_steps": 1, "clip": 1.0}, "max_steps": 10**6,
-            "engine": {"zero_stage": stage, "precision": precision, "compile": args.compile}})
+            "engine": {"zero_stage": stage, "precision": precision, "compile": args.compile,
+                       "ds": json.loads(args.ds)}})
         engines[f"deepspeed_zero{stage}"] = train.build_engine(copy.deepcopy(objectives), cfg, device)
     ckpt = SimpleNamespace(last=None)
 
@@ -194,10 +206,10 @@ def run(args) -> dict:
     peak = args.peak_tflops if args.peak_tflops is not None else (989.0 if device.type == "cuda" else None)
     result = {
         "bench": "pretrain_step", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "preset": args.preset, "params": n_params, "batch": args.batch,
+        "threads": torch.get_num_threads(), "preset": args.config or args.preset, "params": n_params, "batch": args.batch,
         "seq_len": model_cfg.text.max_len, "image_size": model_cfg.vision.image_size, "views": views,
         "objectives": names, "entity_prompts": args.entities, "precision": precision, "compile": args.compile,
-        "flops_per_step": flops, "tflop_per_step": round(flops / 1e12, 4), "peak_tflops": peak,
+        "ds": json.loads(args.ds), "flops_per_step": flops, "tflop_per_step": round(flops / 1e12, 4), "peak_tflops": peak,
         "steps": args.steps, "rounds": args.rounds, "torch": torch.__version__,
     }
     bare_s = statistics.median(times["bare"])

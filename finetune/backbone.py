@@ -99,6 +99,13 @@ class Encoded:
     align_scale: torch.Tensor | None = None  # ()
     encode_prompts: Callable[[list[str]], torch.Tensor] | None = None  # texts → (N, E)
 
+    def float(self) -> Encoded:
+        """These states in fp32 (after a bf16-autocast encoder), for heads that compute in fp32."""
+        def f(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.float() if t is not None and t.is_floating_point() else t
+        return replace(self, tokens=f(self.tokens), words=f(self.words), image_map=f(self.image_map),
+                       regions=f(self.regions), align_regions=f(self.align_regions), align_scale=f(self.align_scale))
+
     def span_mean(self, batch_idx: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """Mean word state of each span ``[start, end)`` of example ``batch_idx`` → (E, H)."""
         pos = torch.arange(self.words.shape[1], device=self.words.device)

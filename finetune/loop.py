@@ -54,7 +54,7 @@ from PIL import Image
 from torch import nn
 
 from mie.finetune import metrics
-from mie.finetune.backbone import VIEWS, Backbone, BackboneConfig, load_backbone
+from mie.finetune.backbone import VIEWS, Backbone, BackboneConfig, Encoded, load_backbone
 from mie.finetune.tasks.gmner import GmnerOptions
 from mie.finetune.tasks.jmere import JmereOptions
 from mie.finetune.tasks.mnre import MnreOptions
@@ -124,6 +124,9 @@ class FinetuneConfig:
     modality: Literal["text", "image", "both"] = "text"  # text only; + jpg; + jpg and gen.jpg
     device: str = "auto"  # single process: auto = cuda when available, else cpu (DeepSpeed: one GPU per rank)
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    # bf16: the encoders run under bf16 autocast (fp32 weights and optimizer), on GPUs and on CPUs with
+    # AVX512-BF16/AMX, where it is ~1.5x faster per step; fp32 everywhere else.
+    precision: Literal["fp32", "bf16"] = "fp32"
     resume: Literal["auto", "never"] = "auto"  # auto: continue the run directory's last/ checkpoint of this config
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -149,13 +152,22 @@ class Example:
 
 
 class Model(nn.Module):
-    def __init__(self, backbone: Backbone, head: nn.Module):
+    def __init__(self, backbone: Backbone, head: nn.Module, precision: str = "fp32"):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.bf16 = precision == "bf16"
+
+    def encode(self, batch: dict[str, Any]) -> Encoded:
+        """The backbone's states of a batch. With ``precision = "bf16"`` the encoders run under bf16 autocast
+        (the weights and the optimizer stay fp32) and the heads, CRF included, get fp32 states."""
+        if not self.bf16:
+            return self.backbone(batch)
+        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16):
+            return self.backbone(batch).float()
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """The training loss of a batch (what a DeepSpeed engine's forward returns)."""
-        return self.head.loss(self.backbone(batch), batch)
+        return self.head.loss(self.encode(batch), batch)
 
 
 @dataclass
@@ -233,7 +245,7 @@ def fine_tune(cfg: FinetuneConfig, env: DistEnv, preempt: Preemption) -> dict[st
              f"{env.world_size} × {device.type} ({engine_name})")
 
     backbone = load_backbone(cfg.backbone, cfg.modality)
-    model = Model(backbone, task.head(backbone)).to(device)
+    model = Model(backbone, task.head(backbone), cfg.precision).to(device)
     collate_fn = partial(collate, tokenizer=backbone.tokenizer, max_length=cfg.backbone.max_length, views=views,
                          image_size=backbone.image_size, task=task)
     # The sampler permutes each epoch from (seed, epoch) alone; the generator only seeds loader workers.
@@ -447,7 +459,7 @@ def predict(model: Model, task: Any, examples: list[Example], collate_fn: Any, b
     loader = torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     for batch in progress(loader, env, f"predict {desc}", unit="batch"):
         batch = to_device(batch, device)
-        for ex, row in zip(batch["examples"], model.head.predict(model.backbone(batch), batch)):
+        for ex, row in zip(batch["examples"], model.head.predict(model.encode(batch), batch)):
             rows[ex.id] = {"id": task.row_id(ex), **row}
     return rows
 
@@ -639,7 +651,7 @@ class Trainer:
             from mie.pretrain.train import base_ds_config
 
             conf = base_ds_config(cfg.optim.batch_size, 1, cfg.optim.grad_clip, cfg.engine.zero_stage, "fp32",
-                                  cfg.engine.ds)
+                                  device.type, cfg.engine.ds)
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                         config=conf)
 

@@ -262,18 +262,20 @@ def ds_config(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
             "warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_type": "linear"}},
     }
     return base_ds_config(cfg.data.batch_size, cfg.engine.grad_accum, o.clip, cfg.engine.zero_stage,
-                          resolve_precision(cfg.engine.precision, device), {"scheduler": schedulers[o.schedule]},
-                          cfg.engine.ds)
+                          resolve_precision(cfg.engine.precision, device), device.type,
+                          {"scheduler": schedulers[o.schedule]}, cfg.engine.ds)
 
 
 def base_ds_config(micro_batch: int, grad_accum: int, clip: float, zero_stage: int, precision: str,
-                   *overlays: dict[str, Any]) -> dict[str, Any]:
+                   device_type: str, *overlays: dict[str, Any]) -> dict[str, Any]:
     """The DeepSpeed config every mie engine shares (pretraining, fine-tuning), ``overlays`` merged in order."""
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": clip,
-        "zero_optimization": {"stage": zero_stage},
+        # Contiguous gradients guard GPU memory against fragmentation; on the CPU they are one more copy of
+        # every gradient per step (ZeRO-2 step overhead 1.12 → 1.05 on the quickstart's model, bench/RESULTS.md).
+        "zero_optimization": {"stage": zero_stage, "contiguous_gradients": device_type != "cpu"},
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,  # the torch optimizer we pass in
         "steps_per_print": 2**31 - 1,  # mie logs itself

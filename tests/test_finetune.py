@@ -172,6 +172,24 @@ def test_both_mode_without_generated_images_and_text_mode_ignores_images(world, 
     assert text["modality"] == "text"
 
 
+def test_bf16_precision_runs_the_encoders_in_bf16_and_the_heads_in_fp32(world, tmp_path):
+    from types import SimpleNamespace
+
+    from mie.finetune.backbone import BackboneConfig, load_backbone
+    backbone = load_backbone(BackboneConfig(path=str(world["bert"])), "text")
+    seen = []
+    backbone.text.encoder.layer[0].output.dense.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    ex = loop.Example("k", "0", {}, {}, None, words=["a", "red", "zorb"])
+    batch = loop.collate([ex], backbone.tokenizer, 16, (), 64, SimpleNamespace(collate=lambda e, b: None))
+    enc = loop.Model(backbone, torch.nn.Identity(), "bf16").encode(batch)
+    assert seen == [torch.bfloat16] and enc.tokens.dtype == enc.words.dtype == torch.float32
+    # the whole loop in bf16, image mode with grounding (CRF and KL computed in fp32): finite, and it learns
+    res = loop.main(make_cfg(world, "gmner", tmp_path / "run", modality="image", precision="bf16",
+                             **{"data.shards": str(world["gmner_det"])}), DistEnv())
+    losses = [h["train_loss"] for h in res["history"]]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[1] < losses[0], losses
+
+
 def test_seed_reproduces_and_finished_run_is_kept(world, tmp_path):
     runs = [loop.main(make_cfg(world, "twitter_ner", tmp_path / f"r{i}", seed=7, **{"optim.max_steps": 5}), DistEnv())
             for i in range(2)]
