@@ -137,11 +137,9 @@ def run(args) -> dict:
     views = args.views.split(",")
     model_dict = PRESETS[args.preset]
     if args.config:  # the [model] of a pretraining TOML (e.g. the quickstart's), batch from its [data]
-        import tomllib
-
-        conf = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
-        model_dict = conf["model"]
-        args.batch = args.batch or conf.get("data", {}).get("batch_size", 8)
+        conf = config_lib.load(train.PretrainConfig, args.config)
+        model_dict = config_lib.to_dict(conf)["model"]
+        args.batch = args.batch or conf.data.batch_size
     args.batch = args.batch or 8
     model_cfg = config_lib.from_dict(ModelConfig, {**model_dict, "attn": "sdpa"})
     loss_cfg = config_lib.from_dict(LossConfig, {

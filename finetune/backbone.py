@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -101,10 +101,8 @@ class Encoded:
 
     def float(self) -> Encoded:
         """These states in fp32 (after a bf16-autocast encoder), for heads that compute in fp32."""
-        def f(t: torch.Tensor | None) -> torch.Tensor | None:
-            return t.float() if t is not None and t.is_floating_point() else t
-        return replace(self, tokens=f(self.tokens), words=f(self.words), image_map=f(self.image_map),
-                       regions=f(self.regions), align_regions=f(self.align_regions), align_scale=f(self.align_scale))
+        return replace(self, **{f.name: v.float() for f in fields(self)
+                                 if isinstance(v := getattr(self, f.name), torch.Tensor) and v.is_floating_point()})
 
     def span_mean(self, batch_idx: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """Mean word state of each span ``[start, end)`` of example ``batch_idx`` → (E, H)."""
