@@ -16,6 +16,11 @@ For a plain text encoder, fusion is cross-attention from text tokens to the imag
 without an image attends to it alone. Its residual is gated with a gate that starts at zero, so a
 pretrained text encoder starts out unchanged.
 
+``word_shapes = true`` adds a learned embedding of each word's shape (lower, Title, UPPER, mixed case,
+number, punctuation, @mention, #hashtag, URL) to the input embeddings of its subwords. An uncased
+tokenizer (all-MiniLM-L6-v2's) erases capitalisation, the strongest surface cue of a named entity in a
+tweet; the shape table starts at zero, so the pretrained encoder starts out unchanged.
+
 ``init = "random"`` keeps the architecture and re-initialises every weight: the "unpretrained" control of
 an ablation, one override away (``backbone.init=random``).
 """
@@ -55,6 +60,7 @@ class BackboneConfig:
     fusion_heads: int = 4
     dropout: float = 0.1
     freeze_embeddings: bool = False  # keep the word-embedding table fixed (less optimizer work per step on CPU)
+    word_shapes: bool = False  # add a learned word-shape embedding (case, @, #, URL) to the input embeddings
     init: str = "pretrained"  # pretrained | random: the same architecture with fresh weights (ablation control)
     vision: VisionConfig = field(default_factory=VisionConfig)
 
@@ -80,6 +86,33 @@ def resolve_path(path: str) -> Path:
         raise BackboneError(f"backbone.path: {p} is neither a Hugging Face model directory (config.json) "
                             "nor a `mie export` directory (text/config.json)")
     return p
+
+
+SHAPES = ("lower", "title", "upper", "mixed", "number", "punct", "mention", "hashtag", "url")
+
+
+def word_shape(word: str) -> int:
+    """The shape class of a word: 1 + its index in :data:`SHAPES` (0 is kept for special tokens)."""
+    low = word.lower()
+    if low.startswith(("http://", "https://", "www.")):
+        shape = "url"
+    elif len(word) > 1 and word[0] in "@#":
+        shape = "mention" if word[0] == "@" else "hashtag"
+    elif not any(c.isalnum() for c in word):
+        shape = "punct"
+    else:
+        letters = [c for c in word if c.isalpha()]
+        if not letters or any(c.isdigit() for c in word):
+            shape = "number"
+        elif all(c.islower() for c in letters):
+            shape = "lower"
+        elif len(letters) > 1 and all(c.isupper() for c in letters):
+            shape = "upper"
+        elif letters[0].isupper() and all(c.islower() for c in letters[1:]):
+            shape = "title"
+        else:
+            shape = "mixed"
+    return 1 + SHAPES.index(shape)
 
 
 @dataclass
@@ -165,6 +198,20 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.pretrained_vision = pretrained_vision
+        self.shape_embed: nn.Embedding | None = None
+
+    def add_word_shapes(self) -> None:
+        """Learn a word-shape embedding added to the input embeddings; zero at first, so the text
+        encoder's output is unchanged until it trains."""
+        self.shape_embed = nn.Embedding(len(SHAPES) + 1, self.hidden)
+        nn.init.zeros_(self.shape_embed.weight)
+
+    def input_embeddings(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Word embeddings plus word-shape embeddings (B, L, H), or None without word shapes (the text
+        encoder then embeds ``input_ids`` itself)."""
+        if self.shape_embed is None:
+            return None
+        return self.text.get_input_embeddings()(batch["input_ids"]) + self.shape_embed(batch["shape_ids"])
 
     @property
     def vision_dim(self) -> int:
@@ -187,7 +234,9 @@ class Backbone(nn.Module):
         return feats, grid.transpose(1, 2).reshape(feats.shape[0], -1, h, w)
 
     def forward(self, batch: dict[str, Any]) -> Encoded:
-        out = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        embeds = self.input_embeddings(batch)
+        out = self.text(input_ids=None if embeds is not None else batch["input_ids"], inputs_embeds=embeds,
+                        attention_mask=batch["attention_mask"])
         tokens = out.last_hidden_state
         image_map = present0 = None
         views = batch.get("images") or {}
@@ -225,7 +274,7 @@ class PretrainedBackbone(Backbone):
     def forward(self, batch: dict[str, Any]) -> Encoded:
         m = self.model
         mask = batch["attention_mask"]
-        tokens = m.encode_text(batch["input_ids"], mask)
+        tokens = m.encode_text(batch["input_ids"], mask, self.input_embeddings(batch))
         image_map = present0 = regions = None
         views = list((batch.get("images") or {}).values())
         if views:
@@ -300,6 +349,8 @@ def load_backbone(cfg: BackboneConfig, modality: str) -> Backbone:
                                 tuple(data_cfg["std"]), pretrained)
     if cfg.freeze_embeddings:
         backbone.text.get_input_embeddings().weight.requires_grad_(False)
+    if cfg.word_shapes:
+        backbone.add_word_shapes()
     return backbone
 
 

@@ -54,7 +54,7 @@ from PIL import Image
 from torch import nn
 
 from mie.finetune import metrics
-from mie.finetune.backbone import VIEWS, Backbone, BackboneConfig, Encoded, load_backbone
+from mie.finetune.backbone import VIEWS, Backbone, BackboneConfig, Encoded, load_backbone, word_shape
 from mie.finetune.tasks.gmner import GmnerOptions
 from mie.finetune.tasks.jmere import JmereOptions
 from mie.finetune.tasks.mnre import MnreOptions
@@ -382,19 +382,25 @@ def load_split(set_dir: Path, views: tuple[str, ...], limit: int, log: RunLogger
 
 def collate(examples: list[Example], tokenizer: Any, max_length: int, views: tuple[str, ...], image_size: int,
             task: Any) -> dict[str, Any]:
-    """Tokenize the words (first subword of each word → ``word_index``), decode and resize images,
-    then let the task add its tensors."""
+    """Tokenize the words (first subword of each word → ``word_index``; each subword's word shape →
+    ``shape_ids``), decode and resize images, then let the task add its tensors."""
     enc = tokenizer([ex.words for ex in examples], is_split_into_words=True, truncation=True, max_length=max_length,
                     padding=True, return_tensors="pt")
     n_words = max(len(ex.words) for ex in examples)
     word_index = torch.zeros(len(examples), n_words, dtype=torch.long)
     word_mask = torch.zeros(len(examples), n_words, dtype=torch.bool)
-    for i in range(len(examples)):
+    shape_ids = torch.zeros_like(enc["input_ids"])
+    for i, ex in enumerate(examples):
+        shapes = [word_shape(w) for w in ex.words]
         for t, w in enumerate(enc.word_ids(i)):
-            if w is not None and not word_mask[i, w]:
+            if w is None:
+                continue
+            shape_ids[i, t] = shapes[w]
+            if not word_mask[i, w]:
                 word_index[i, w], word_mask[i, w] = t, True
     batch: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                             "word_index": word_index, "word_mask": word_mask, "examples": examples}
+                             "word_index": word_index, "word_mask": word_mask, "shape_ids": shape_ids,
+                             "examples": examples}
     if views:
         batch["images"] = {v: _images(examples, v, image_size) for v in views}
         batch["det_boxes"], batch["det_mask"], batch["det_classes"] = _detections(examples)

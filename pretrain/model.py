@@ -235,8 +235,12 @@ class MieModel(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1) * 255, persistent=False)
 
     # -- unimodal encoders ------------------------------------------------------------------------------------
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token states (B, L, H) of the text encoder; position 0 is ``[CLS]``."""
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token states (B, L, H) of the text encoder; position 0 is ``[CLS]``. ``inputs_embeds`` replaces the
+        embedding of ``input_ids`` (fine-tuning's word shapes)."""
+        if inputs_embeds is not None:
+            return self.text(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
         return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def text_feature(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -190,6 +190,39 @@ def test_bf16_precision_runs_the_encoders_in_bf16_and_the_heads_in_fp32(world, t
     assert all(torch.isfinite(torch.tensor(losses))) and losses[1] < losses[0], losses
 
 
+def test_word_shapes_give_an_uncased_encoder_the_case_it_cannot_see(world, tmp_path):
+    from types import SimpleNamespace
+
+    from mie.finetune.backbone import SHAPES, BackboneConfig, load_backbone, word_shape
+    words = ["red", "Red", "RED", "iPhone", "3G", ",", "@zorb", "#red", "https://t.co/x", "I", "@"]
+    assert [SHAPES[word_shape(w) - 1] for w in words] == [
+        "lower", "title", "upper", "mixed", "number", "punct", "mention", "hashtag", "url", "title", "punct"]
+
+    backbone = load_backbone(BackboneConfig(path=str(world["bert"]), word_shapes=True), "text").eval()
+    plain = load_backbone(BackboneConfig(path=str(world["bert"])), "text").eval()
+    exs = [loop.Example("k", str(i), {}, {}, None, words=["the", w, "zorb"]) for i, w in enumerate(["red", "Red"])]
+    batch = loop.collate(exs, backbone.tokenizer, 16, (), 64, SimpleNamespace(collate=lambda e, b: None))
+    # The uncased tokenizer gives both posts the same ids; only the shapes tell them apart (0 on [CLS]/[SEP]).
+    assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+    word_ids = backbone.tokenizer(["the", "Red", "zorb"], is_split_into_words=True).word_ids()
+    lower, title = 1 + SHAPES.index("lower"), 1 + SHAPES.index("title")
+    assert batch["shape_ids"][1].tolist() == [0 if w is None else title if w == 1 else lower for w in word_ids]
+    assert batch["shape_ids"][0].tolist() == [0 if w is None else lower for w in word_ids]
+    with torch.no_grad():
+        enc = backbone(batch)
+        assert torch.allclose(enc.tokens, plain(batch).tokens, atol=1e-6)  # zero-initialised: nothing changes yet
+        assert torch.allclose(enc.words[0], enc.words[1])
+        backbone.shape_embed.weight.normal_()
+        enc = backbone(batch)
+        assert not torch.allclose(enc.words[0, 1], enc.words[1, 1], atol=1e-3)
+    # in the loop, the shape table trains (at the head learning rate: it is new)
+    from safetensors.torch import load_file
+    loop.main(make_cfg(world, "twitter_ner", tmp_path / "run", **{"backbone.word_shapes": True, "optim.max_steps": 3}),
+              DistEnv())
+    weights = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
+    assert weights["backbone.shape_embed.weight"].abs().sum() > 0
+
+
 def test_seed_reproduces_and_finished_run_is_kept(world, tmp_path):
     runs = [loop.main(make_cfg(world, "twitter_ner", tmp_path / f"r{i}", seed=7, **{"optim.max_steps": 5}), DistEnv())
             for i in range(2)]

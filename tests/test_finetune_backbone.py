@@ -76,15 +76,15 @@ def test_pretrained_fusion_gives_region_features_for_candidates(export_dir):
 @pytest.mark.parametrize("task", ["gmner", "mnre", "jmere"])
 def test_finetune_from_export_in_image_mode(world, export_dir, tmp_path, task):  # noqa: F811
     over = {"backbone.path": str(export_dir), "modality": "image", "optim.epochs": 1,
-            "data.shards": str(world[f"{task}_det"])}
+            "data.shards": str(world[f"{task}_det"]), "backbone.word_shapes": task == "gmner"}
     res = loop.main(make_cfg(world, task, tmp_path / "run", **over), DistEnv())
     scored = ev.evaluate(task, tmp_path / "run" / "predictions.jsonl", gold_path(world, task), "test")
     assert {k: v for k, v in scored.items() if k in res["test"]} == res["test"]
     from safetensors.torch import load_file
     state = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
     assert any(k.startswith("backbone.model.fusion.") for k in state)
-    if task == "gmner":
-        assert "head.grounder.fused.weight" in state
+    if task == "gmner":  # with word shapes, fed to the pretrained text encoder as input embeddings
+        assert "head.grounder.fused.weight" in state and state["backbone.shape_embed.weight"].abs().sum() > 0
     else:  # the relation heads ground their entities in the detections
         assert "head.regions.class_embed.weight" in state
     assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["backbone"]["init"] == "pretrained"
