@@ -247,7 +247,7 @@ def fine_tune(cfg: FinetuneConfig, env: DistEnv, preempt: Preemption) -> dict[st
     backbone = load_backbone(cfg.backbone, cfg.modality)
     model = Model(backbone, task.head(backbone), cfg.precision).to(device)
     collate_fn = partial(collate, tokenizer=backbone.tokenizer, max_length=cfg.backbone.max_length, views=views,
-                         image_size=backbone.image_size, task=task)
+                         image_size=backbone.image_size, task=task, word_shapes=cfg.backbone.word_shapes)
     # The sampler permutes each epoch from (seed, epoch) alone; the generator only seeds loader workers.
     # Both are part of the checkpoint, so a resumed epoch sees the same batches in the same order.
     sampler = EpochSampler(splits["train"], env, cfg.seed,
@@ -381,26 +381,28 @@ def load_split(set_dir: Path, views: tuple[str, ...], limit: int, log: RunLogger
 
 
 def collate(examples: list[Example], tokenizer: Any, max_length: int, views: tuple[str, ...], image_size: int,
-            task: Any) -> dict[str, Any]:
-    """Tokenize the words (first subword of each word → ``word_index``; each subword's word shape →
-    ``shape_ids``), decode and resize images, then let the task add its tensors."""
+            task: Any, word_shapes: bool = False) -> dict[str, Any]:
+    """Tokenize the words (first subword of each word → ``word_index``; with ``word_shapes``, each subword's
+    word shape → ``shape_ids``), decode and resize images, then let the task add its tensors."""
     enc = tokenizer([ex.words for ex in examples], is_split_into_words=True, truncation=True, max_length=max_length,
                     padding=True, return_tensors="pt")
     n_words = max(len(ex.words) for ex in examples)
     word_index = torch.zeros(len(examples), n_words, dtype=torch.long)
     word_mask = torch.zeros(len(examples), n_words, dtype=torch.bool)
-    shape_ids = torch.zeros_like(enc["input_ids"])
+    shape_ids = torch.zeros_like(enc["input_ids"]) if word_shapes else None
     for i, ex in enumerate(examples):
-        shapes = [word_shape(w) for w in ex.words]
+        shapes = [word_shape(w) for w in ex.words] if word_shapes else None
         for t, w in enumerate(enc.word_ids(i)):
             if w is None:
                 continue
-            shape_ids[i, t] = shapes[w]
+            if shapes is not None:
+                shape_ids[i, t] = shapes[w]
             if not word_mask[i, w]:
                 word_index[i, w], word_mask[i, w] = t, True
     batch: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                             "word_index": word_index, "word_mask": word_mask, "shape_ids": shape_ids,
-                             "examples": examples}
+                             "word_index": word_index, "word_mask": word_mask, "examples": examples}
+    if word_shapes:
+        batch["shape_ids"] = shape_ids
     if views:
         batch["images"] = {v: _images(examples, v, image_size) for v in views}
         batch["det_boxes"], batch["det_mask"], batch["det_classes"] = _detections(examples)

@@ -201,7 +201,8 @@ def test_word_shapes_give_an_uncased_encoder_the_case_it_cannot_see(world, tmp_p
     backbone = load_backbone(BackboneConfig(path=str(world["bert"]), word_shapes=True), "text").eval()
     plain = load_backbone(BackboneConfig(path=str(world["bert"])), "text").eval()
     exs = [loop.Example("k", str(i), {}, {}, None, words=["the", w, "zorb"]) for i, w in enumerate(["red", "Red"])]
-    batch = loop.collate(exs, backbone.tokenizer, 16, (), 64, SimpleNamespace(collate=lambda e, b: None))
+    batch = loop.collate(exs, backbone.tokenizer, 16, (), 64, SimpleNamespace(collate=lambda e, b: None),
+                         word_shapes=True)
     # The uncased tokenizer gives both posts the same ids; only the shapes tell them apart (0 on [CLS]/[SEP]).
     assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
     word_ids = backbone.tokenizer(["the", "Red", "zorb"], is_split_into_words=True).word_ids()
