@@ -245,6 +245,7 @@ def fine_tune(cfg: FinetuneConfig, env: DistEnv, preempt: Preemption) -> dict[st
              f"{env.world_size} × {device.type} ({engine_name})")
 
     backbone = load_backbone(cfg.backbone, cfg.modality)
+    backbone.set_attention(cfg.backbone.attn, device)
     model = Model(backbone, task.head(backbone), cfg.precision).to(device)
     collate_fn = partial(collate, tokenizer=backbone.tokenizer, max_length=cfg.backbone.max_length, views=views,
                          image_size=backbone.image_size, task=task, word_shapes=cfg.backbone.word_shapes)
@@ -527,7 +528,8 @@ def seed_everything(seed: int) -> None:
 
 def build_optimizer(model: Model, cfg: OptimConfig, total_steps: int):
     """AdamW over two groups (pretrained parameters at ``lr``, new ones at ``head_lr``; no weight
-    decay on biases and norms) and the warmup + decay schedule."""
+    decay on biases and norms) and the warmup + decay schedule. The fused AdamW kernel runs on the CPU
+    too, where it is ~5x faster than the per-tensor loop (all-MiniLM-L6-v2: 19 vs 100 ms a step)."""
     from transformers import get_scheduler
 
     pretrained = {id(p) for p in model.backbone.pretrained_parameters()}
@@ -538,7 +540,8 @@ def build_optimizer(model: Model, cfg: OptimConfig, total_steps: int):
             groups.setdefault((id(p) in pretrained, no_decay), []).append(p)
     param_groups = [{"params": ps, "lr": cfg.lr if pre else cfg.head_lr, "weight_decay": 0.0 if nd else cfg.weight_decay}
                     for (pre, nd), ps in groups.items()]
-    optimizer = torch.optim.AdamW(param_groups)
+    fused = all(p.device.type in ("cpu", "cuda") for g in param_groups for p in g["params"])
+    optimizer = torch.optim.AdamW(param_groups, fused=fused)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=max(1, total_steps))
     return optimizer, scheduler

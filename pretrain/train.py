@@ -295,14 +295,15 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """torch AdamW (fused on GPU); no weight decay on biases, norms and temperatures. A torch optimizer is
+    """torch AdamW (fused: on GPUs, and on the CPU, where it is ~5x faster than the per-tensor loop); no weight decay on biases, norms and temperatures. A torch optimizer is
     passed in because a config-named one becomes a compiled DeepSpeed op (FusedAdam / CPUAdam)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             fused=device.type in ("cpu", "cuda"))
 
 
 def build_engine(objectives: Objectives, cfg: PretrainConfig, device: torch.device):
