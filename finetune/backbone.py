@@ -63,8 +63,8 @@ class BackboneConfig:
     word_shapes: bool = False  # add a learned word-shape embedding (case, @, #, URL) to the input embeddings
     init: str = "pretrained"  # pretrained | random: the same architecture with fresh weights (ablation control)
     # Text-encoder attention kernel. auto: eager on the CPU, sdpa on GPUs. On tweet-length inputs PyTorch's
-    # CPU flash-attention backward alone takes about as long as the rest of the encoder's backward
-    # (all-MiniLM-L6-v2, batch 16 × ~40 subwords, 2 cores: backward 282 → 149 ms with eager).
+    # CPU flash-attention backward is slower than plain matmuls (all-MiniLM-L6-v2, MNRE batches of 16 × ~40
+    # subwords, 2 cores, side by side: backward 205–278 ms with sdpa, 134–165 ms with eager).
     attn: str = "auto"
     vision: VisionConfig = field(default_factory=VisionConfig)
 

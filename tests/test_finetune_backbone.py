@@ -88,3 +88,21 @@ def test_finetune_from_export_in_image_mode(world, export_dir, tmp_path, task): 
     else:  # the relation heads ground their entities in the detections
         assert "head.regions.class_embed.weight" in state
     assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["backbone"]["init"] == "pretrained"
+
+
+def test_attention_kernel_choice_keeps_the_encoder_output(world):  # noqa: F811
+    """``backbone.attn``: auto picks eager on the CPU (faster there), and both kernels compute the same states;
+    an unknown kernel is a config error naming the key."""
+    bb = load_backbone(config_lib.from_dict(BackboneConfig, {"path": str(world["bert"])}), "text").eval()
+    ids = bb.tokenizer(["red apple pie", "a much longer line of words"], padding=True, return_tensors="pt")
+    bb.set_attention("sdpa", torch.device("cpu"))
+    with torch.no_grad():
+        sdpa = bb.text(**ids).last_hidden_state
+    bb.set_attention("auto", torch.device("cpu"))
+    assert bb.text.config._attn_implementation == "eager"
+    with torch.no_grad():
+        eager = bb.text(**ids).last_hidden_state
+    mask = ids["attention_mask"].bool()
+    torch.testing.assert_close(eager[mask], sdpa[mask], atol=1e-5, rtol=1e-4)
+    with pytest.raises(config_lib.ConfigError, match="attn"):
+        config_lib.from_dict(BackboneConfig, {"path": str(world["bert"]), "attn": "flash"})
