@@ -6,7 +6,7 @@
         --compile --steps 20                                    # one H100: BERT-base + ViT-B/16 + 2 fusion
 
 Both paths run :class:`mie.pretrain.losses.Objectives` (all four objectives unless ``--objectives``) on one
-synthetic batch kept on the device, from the same initial weights, with torch AdamW (fused on GPU) and
+synthetic batch kept on the device, from the same initial weights, with torch AdamW (fused, CPU or GPU) and
 gradient clipping at 1.0:
 
 * ``bare``: ``loss.backward()``, ``clip_grad_norm_``, ``optimizer.step()``, ``zero_grad`` (under
