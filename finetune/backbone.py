@@ -30,7 +30,7 @@ import importlib
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -65,14 +65,12 @@ class BackboneConfig:
     # Text-encoder attention kernel. auto: eager on the CPU, sdpa on GPUs. On tweet-length inputs PyTorch's
     # CPU flash-attention backward is slower than plain matmuls (all-MiniLM-L6-v2, MNRE batches of 16 × ~40
     # subwords, 2 cores, side by side: backward 205–278 ms with sdpa, 134–165 ms with eager).
-    attn: str = "auto"
+    attn: Literal["auto", "sdpa", "eager"] = "auto"
     vision: VisionConfig = field(default_factory=VisionConfig)
 
     def validate(self) -> None:
         if self.init not in ("pretrained", "random"):
             raise ValueError(f"init: must be pretrained or random, not {self.init!r}")
-        if self.attn not in ("auto", "sdpa", "eager"):
-            raise ValueError(f"attn: must be auto, sdpa or eager, not {self.attn!r}")
         if self.max_length < 8:
             raise ValueError("max_length: must be >= 8")
         if self.fusion_layers < 1 or self.fusion_heads < 1:

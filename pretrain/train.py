@@ -295,8 +295,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """torch AdamW (fused: on GPUs, and on the CPU, where it is ~5x faster than the per-tensor loop); no weight decay on biases, norms and temperatures. A torch optimizer is
-    passed in because a config-named one becomes a compiled DeepSpeed op (FusedAdam / CPUAdam)."""
+    """torch AdamW, fused (on GPUs, and on the CPU, where it is ~5x faster than the per-tensor loop); no weight
+    decay on biases, norms and temperatures. A torch optimizer is passed in because a config-named one becomes a
+    compiled DeepSpeed op (FusedAdam / CPUAdam)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
