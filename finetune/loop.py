@@ -34,6 +34,7 @@ same config is not redone; one with another config is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import itertools
@@ -98,6 +99,9 @@ class OptimConfig:
     # Batches of similar length (less padding, faster CPU steps): each run of 50 batches of the epoch's
     # shuffled order is sorted by length, so batches stay random in content and position.
     group_by_length: bool = False
+    # Decay of an exponential moving average of the trained weights (0 = off). With it, dev is scored, and the
+    # best checkpoint kept, with the averaged weights; the average warms up as min(ema, (1 + t) / (10 + t)).
+    ema: float = 0.0
     log_every: int = 20
 
     def validate(self) -> None:
@@ -105,6 +109,8 @@ class OptimConfig:
             raise ValueError("epochs/batch_size/eval_batch_size: must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio: must be in [0, 1)")
+        if not 0 <= self.ema < 1:
+            raise ValueError("ema: must be in [0, 1) (0 = no weight averaging)")
 
 
 @dataclass
@@ -309,18 +315,20 @@ def fine_tune(cfg: FinetuneConfig, env: DistEnv, preempt: Preemption) -> dict[st
             if not steps_left():
                 break
         epoch_loss = float(np.mean([v for s, v in state.losses if s > epoch_start_step] or [0.0]))
-        dev_metrics = evaluate_split("dev")[0] if "dev" in splits else {}
-        score = metrics.main_metric(cfg.task, dev_metrics) if dev_metrics else float(epoch)
+        with trainer.averaged():  # dev is scored, and best/ written, with the averaged weights when optim.ema > 0
+            dev_metrics = evaluate_split("dev")[0] if "dev" in splits else {}
+            score = metrics.main_metric(cfg.task, dev_metrics) if dev_metrics else float(epoch)
+            better = state.best is None or score > state.best
+            if better and env.is_main:
+                save_checkpoint(model, out / "best", {"epoch": epoch, "step": state.step, "dev": dev_metrics,
+                                                     "task": cfg.task, "task_state": task.state()})
         state.history.append({"epoch": epoch, "step": state.step, "train_loss": round(epoch_loss, 5),
                               "dev": dev_metrics})
         log.metrics(state.step, {"epoch": epoch, "train_loss": epoch_loss,
                                  "dev_main": score if dev_metrics else None})
         log.info(f"epoch {epoch}: train loss {epoch_loss:.4f}" + (f", dev F1 {score:.2f}" if dev_metrics else ""))
-        if state.best is None or score > state.best:
+        if better:
             state.best, state.best_epoch, state.stale = score, epoch, 0
-            if env.is_main:
-                save_checkpoint(model, out / "best", {"epoch": epoch, "step": state.step, "dev": dev_metrics,
-                                                     "task": cfg.task, "task_state": task.state()})
         else:
             state.stale += 1
         state.epoch, state.batch = epoch, 0
@@ -656,6 +664,10 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.clip, self.env = cfg.optim.grad_clip, env
         self.engine = None
+        # The weight average (optim.ema): an fp32 shadow of every trained parameter, updated after each step.
+        self.ema, self.ema_updates = cfg.optim.ema, 0
+        self.trained = [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().float().clone() for p in self.trained] if self.ema else []
         if use_deepspeed:
             import deepspeed
 
@@ -678,6 +690,7 @@ class Trainer:
         if self.engine is not None:
             self.engine.backward(loss)
             self.engine.step()
+            self.update_average()
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else 0.0
         self.optimizer.zero_grad(set_to_none=True)
@@ -685,13 +698,46 @@ class Trainer:
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip) if self.clip > 0 else None
         self.optimizer.step()
         self.scheduler.step()
+        self.update_average()
         return float(norm) if norm is not None else 0.0
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """Move the weight average toward the weights just stepped (nothing when ``optim.ema`` is 0). Its
+        decay warms up, so the first steps, far from where training ends, soon weigh little."""
+        if not self.ema:
+            return
+        self.ema_updates += 1
+        decay = min(self.ema, (1 + self.ema_updates) / (10 + self.ema_updates))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.trained], 1 - decay)
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Within the block the model holds the averaged weights (the trained ones when ``optim.ema`` is 0);
+        they are put back after it, so training continues from where it was."""
+        if not self.ema:
+            yield
+            return
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in self.trained]
+            torch._foreach_copy_([p.data for p in self.trained], self.shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self.trained], kept)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, path: Path) -> None:
-        """Weights, optimizer and schedule into the directory ``path`` (collective under DeepSpeed)."""
+        """Weights, optimizer, schedule and weight average into the directory ``path`` (collective under
+        DeepSpeed)."""
+        if self.ema and self.env.is_main:
+            from safetensors.torch import save_file
+
+            save_file({str(i): t for i, t in enumerate(self.shadow)}, str(path / "ema.safetensors"),
+                      metadata={"updates": str(self.ema_updates)})
         if self.engine is not None:
             self.engine.save_checkpoint(str(path), tag="engine", save_latest=False)
             return
@@ -711,9 +757,22 @@ class Trainer:
             saved = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
+        if self.ema:
+            self.load_average(path / "ema.safetensors")
         mine = torch.load(path / f"rank{self.env.rank:05d}.pt", map_location="cpu", weights_only=True)
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         return Progress(**meta["progress"]), mine["loader"], mine["rng"]
+
+
+    def load_average(self, file: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            if len(f.keys()) != len(self.shadow):
+                raise ResumeError(f"{file}: averages {len(f.keys())} tensors, this model trains {len(self.shadow)}")
+            self.ema_updates = int(f.metadata()["updates"])
+            for i, t in enumerate(self.shadow):
+                t.copy_(f.get_tensor(str(i)))
 
 
 def save_last(trainer: Trainer, out: Path, env: DistEnv, state: Progress, loader_state: torch.Tensor,

@@ -328,3 +328,28 @@ def test_group_by_length_sorts_runs_of_the_epoch_order():
     assert list(grouped) == g[7:]
     grouped.set_epoch(2)
     assert list(grouped) != g
+
+
+def test_weight_average_follows_every_step_and_is_swapped_in_for_scoring_only(world, tmp_path):
+    """`optim.ema`: after each step the average moves toward the weights by 1 - min(ema, (1+t)/(10+t));
+    inside `averaged()` the model holds it, and the trained weights are back exactly afterwards."""
+    torch.manual_seed(0)
+    for ema in (0.5, 0.0):
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cfg = make_cfg(world, "mnre", tmp_path / "x", **{"optim.ema": ema})
+        trainer = loop.Trainer(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), cfg, DistEnv(),
+                               torch.device("cpu"), False)
+        expected = [p.detach().clone() for p in model.parameters()]
+        for t in range(1, 7):
+            trainer.step(model(torch.randn(4, 3)).pow(2).sum())
+            d = min(ema, (1 + t) / (10 + t))
+            expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
+        trained = [p.detach().clone() for p in model.parameters()]
+        with trainer.averaged():
+            for p, e, w in zip(model.parameters(), expected, trained):
+                torch.testing.assert_close(p.detach(), e if ema else w)
+                assert torch.equal(e, w) == (ema == 0)  # with ema the average is not the last weights
+        assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), trained))
+    with pytest.raises(ConfigError, match="ema"):
+        make_cfg(world, "mnre", tmp_path / "x", **{"optim.ema": 1.0})

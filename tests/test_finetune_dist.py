@@ -146,6 +146,25 @@ def test_sigusr1_checkpoints_mid_epoch_exits_75_and_the_rerun_matches(world, ref
     assert outputs(out) == reference
 
 
+def test_weight_average_is_part_of_the_checkpoint(world, reference, tmp_path):
+    """`optim.ema`: best/ is kept with the averaged weights, and a run stopped mid-epoch by SIGUSR1 continues
+    its average from last/, ending exactly like an uninterrupted run. No dev set: the last epoch is kept, so
+    best/ holds the average as training ends, which a restarted average would change."""
+    over = {"optim.ema": 0.9, "data.dev": ""}
+    ref = tmp_path / "ref"
+    r = finetune(write_cfg(world, tmp_path / "ref.toml", ref, **over))
+    assert r.returncode == 0, r.stderr[-3000:]
+    averaged = outputs(ref)
+    assert averaged["best/model.safetensors"] != reference["best/model.safetensors"]
+    out = tmp_path / "run"
+    cfg = write_cfg(world, tmp_path / "run.toml", out, **over)
+    assert interrupt(cfg, out, signal.SIGUSR1, lambda o: last_step(o) >= STEPS_PER_EPOCH + 3) == EXIT_PREEMPTED
+    assert (out / loop.LAST / "ema.safetensors").is_file()
+    r = finetune(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert outputs(out) == averaged
+
+
 def test_sigkill_mid_epoch_then_rerun_matches(world, reference, tmp_path):
     out = tmp_path / "run"
     cfg = write_cfg(world, tmp_path / "run.toml", out)
