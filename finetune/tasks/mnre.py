@@ -1,8 +1,8 @@
 """MNRE: one relation among the 23 labels (``None`` included) for each given entity pair.
 
-The head and tail are wrapped in marker words in the encoder input (by default ``@ head @`` and
-``# tail #``, punctuation markers in the style of Zhou & Chen's typed entity markers: they are in
-every vocabulary, so no embedding is added). The classifier reads the pooled entity features:
+The head and tail are wrapped in marker words in the encoder input (by default ``[ head ]`` and
+``{ tail }``: punctuation markers in the style of Zhou & Chen's, in every vocabulary, so no embedding
+is added; not their ``@``/``#``, which in tweets open @mentions and #hashtags). The classifier reads the pooled entity features:
 the state of each start marker, the mean state of each entity's words and the post's ``[CLS]`` state
 (with an image: the multimodal ``[CLS]``, the state pretraining's relation–image objective trains),
 concatenated, and, when the post has an image, the pair as the image shows it: the regions the two
@@ -30,7 +30,7 @@ from mie.shards.toy import MNRE_LABELS
 @dataclass
 class MnreOptions:
     dropout: float = 0.1
-    markers: list[str] = field(default_factory=lambda: ["@", "@", "#", "#"])  # head start/end, tail start/end
+    markers: list[str] = field(default_factory=lambda: ["[", "]", "{", "}"])  # head start/end, tail start/end
     regions: RegionOptions = field(default_factory=RegionOptions)
 
     def validate(self) -> None:
