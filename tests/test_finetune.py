@@ -353,3 +353,31 @@ def test_weight_average_follows_every_step_and_is_swapped_in_for_scoring_only(wo
         assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), trained))
     with pytest.raises(ConfigError, match="ema"):
         make_cfg(world, "mnre", tmp_path / "x", **{"optim.ema": 1.0})
+
+
+def test_ensemble_takes_the_label_of_the_mean_probability(world, tmp_path):
+    """`mie ensemble`: one member reproduces its run's predictions; two members keep every label they agree
+    on (the mean of two distributions peaked at the same label peaks there too), score as `mie evaluate`
+    scores their file, and add up their training minutes; runs that cannot be members are one-line errors."""
+    from mie.finetune import ensemble
+
+    runs = {s: loop.main(make_cfg(world, "mnre", tmp_path / f"s{s}", seed=s, **{"optim.epochs": 1}), DistEnv())
+            for s in (0, 1)}
+    one = ensemble.main([tmp_path / "s0"], tmp_path / "e1")
+    assert (tmp_path / "e1" / "predictions.jsonl").read_text() == (tmp_path / "s0" / "predictions.jsonl").read_text()
+    assert one["test"] == runs[0]["test"]
+    two = ensemble.main([tmp_path / "s0", tmp_path / "s1"], tmp_path / "e2")
+    rows = [[json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
+            for d in ("s0", "s1", "e2")]
+    agreed = [(a, c) for a, b, c in zip(*rows) if a["relation"] == b["relation"]]
+    assert agreed and all(c["relation"] == a["relation"] for a, c in agreed)
+    scored = ev.evaluate("mnre", tmp_path / "e2" / "predictions.jsonl", gold_path(world, "mnre"), "test")
+    assert {k: v for k, v in scored.items() if k in two["test"]} == two["test"]
+    assert two["training_minutes"] == round(runs[0]["training_minutes"] + runs[1]["training_minutes"], 3)
+    assert [m["seed"] for m in two["members"]] == [0, 1]
+
+    r = cli("ensemble", str(tmp_path / "s0"), str(tmp_path / "nope"), "--out", str(tmp_path / "e3"))
+    assert r.returncode == 2 and "nope: not a finished" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    loop.main(make_cfg(world, "twitter_ner", tmp_path / "ner", **{"optim.max_steps": 2}), DistEnv())
+    r = cli("ensemble", str(tmp_path / "ner"), "--out", str(tmp_path / "e4"))
+    assert r.returncode == 2 and "twitter_ner predictions cannot be ensembled" in r.stderr, r.stderr

@@ -89,8 +89,16 @@ class Head(nn.Module):
         target = torch.tensor([ex.target["label"] for ex in batch["examples"]], dtype=torch.long, device=enc.words.device)
         return F.cross_entropy(self.logits(enc, batch), target)
 
+    def scores(self, enc: Encoded, batch: dict[str, Any]) -> torch.Tensor:
+        """Label probabilities, one row per example (what ``mie ensemble`` averages)."""
+        return self.logits(enc, batch).softmax(-1)
+
+    def decode(self, scores: torch.Tensor) -> list[dict[str, Any]]:
+        """Prediction rows from label scores: the most likely label."""
+        return [{"relation": self.labels[i]} for i in scores.argmax(-1).tolist()]
+
     def predict(self, enc: Encoded, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{"relation": self.labels[i]} for i in self.logits(enc, batch).argmax(-1).tolist()]
+        return self.decode(self.logits(enc, batch))
 
 
 class Task:
