@@ -8,7 +8,8 @@ and decode into prediction rows) and its label vocabulary; this loop does the re
 2. build the backbone (:mod:`mie.finetune.backbone`) and the task head, seeded by ``seed``;
 3. AdamW (backbone at ``lr``, new parameters at ``head_lr``) with warmup then decay, gradient
    clipping; after each epoch, score dev with the official scorer (:mod:`mie.finetune.metrics`),
-   keep the best-dev checkpoint, stop early after ``patience`` epochs without improvement;
+   keep the best-dev checkpoint, stop early after ``patience`` epochs without improvement (with
+   ``optim.ema``, dev is scored and the checkpoint kept with a moving average of the weights);
 4. reload the best checkpoint, predict test, and write the run directory:
    ``predictions.jsonl`` (the ``mie evaluate`` format), ``results.json`` (config, seed, dev/test
    metrics, training minutes), ``curve.png``, ``best/`` (``model.safetensors`` + ``meta.json``),

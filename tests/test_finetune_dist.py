@@ -30,7 +30,8 @@ from mie.shards.build import BuildConfig
 from test_finetune import tiny_text_encoder
 
 TRAIN, STEPS_PER_EPOCH, EPOCHS = 24, 12, 2  # batch 2: a signal lands well inside an epoch
-TIMING = ("training_minutes", "total_minutes")  # wall clock: the only fields a resumed run may change
+TIMING = ("training_minutes", "total_minutes")
+TWO_RANKS = {"engine.zero_stage": 2, "optim.batch_size": 1, "optim.ema": 0.9}  # the torchrun runs' settings  # wall clock: the only fields a resumed run may change
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +212,10 @@ def rank_pid(launcher: int, rank: int) -> int | None:
 
 @pytest.fixture(scope="module")
 def two_ranks(world) -> tuple[Path, str]:
-    """An uninterrupted 2-rank DeepSpeed run (ZeRO-2, batch 1 per rank: 12 steps per epoch): (out, stdout)."""
+    """An uninterrupted 2-rank DeepSpeed run (ZeRO-2, batch 1 per rank: 12 steps per epoch, a weight average):
+    (out, stdout)."""
     out = world["root"] / "tr-ref"
-    cfg = write_cfg(world, world["root"] / "tr-ref.toml", out, **{"engine.zero_stage": 2, "optim.batch_size": 1})
+    cfg = write_cfg(world, world["root"] / "tr-ref.toml", out, **TWO_RANKS)
     proc = subprocess.run(torchrun_args(cfg), capture_output=True, text=True, timeout=240, env=env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return out, proc.stdout
@@ -235,7 +237,7 @@ def test_torchrun_two_ranks_deepspeed(world, two_ranks):
 
 def test_torchrun_signal_to_one_rank_checkpoints_both_and_the_rerun_matches(world, two_ranks, tmp_path):
     out = tmp_path / "run"
-    cfg = write_cfg(world, tmp_path / "tr.toml", out, **{"engine.zero_stage": 2, "optim.batch_size": 1})
+    cfg = write_cfg(world, tmp_path / "tr.toml", out, **TWO_RANKS)
     proc = subprocess.Popen(torchrun_args(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
                             cwd=REPO, start_new_session=True)
     deadline = time.time() + 180
@@ -255,6 +257,7 @@ def test_torchrun_signal_to_one_rank_checkpoints_both_and_the_rerun_matches(worl
     state = json.loads((last / "meta.json").read_text())["progress"]
     assert state["epoch"] == 1 and 0 < state["batch"] <= STEPS_PER_EPOCH, state
     assert sorted(p.name for p in last.glob("rank*.pt")) == ["rank00000.pt", "rank00001.pt"]
+    assert (last / "ema.safetensors").is_file()
     assert sorted(p.name for p in (last / "engine").glob("zero_pp_rank_*")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
