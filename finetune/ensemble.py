@@ -47,56 +47,50 @@ def member_config(run: Path, split: str) -> loop.FinetuneConfig:
     return cfg
 
 
-def member_scores(run: Path, split: str, batch_size: int, device: torch.device, log: RunLogger,
-                  ) -> tuple[dict[str, Any], Any, list[loop.Example], dict[str, torch.Tensor]]:
-    """One member's results, task, examples of ``split`` and label probabilities per example id."""
-    cfg = member_config(run, split)
-    results = json.loads((run / "results.json").read_text(encoding="utf-8"))
-    task_module = importlib.import_module(f"mie.finetune.tasks.{cfg.task}")
-    split_name = getattr(cfg.data, split)
+def member_scores(run: Path, cfg: loop.FinetuneConfig, split: str, batch_size: int, device: torch.device,
+                  log: RunLogger) -> tuple[Any, Any, list[loop.Example], torch.Tensor]:
+    """One member's task, head, examples of ``split`` and label probabilities (one row per example)."""
     meta = json.loads((run / "best" / "meta.json").read_text(encoding="utf-8"))
-    task = task_module.Task(getattr(cfg, cfg.task), [], state=meta["task_state"])
-    examples = loop.load_split(Path(cfg.data.shards) / split_name, VIEWS[cfg.modality], cfg.data.limit, log)
+    task = importlib.import_module(f"mie.finetune.tasks.{cfg.task}").Task(getattr(cfg, cfg.task), [],
+                                                                         state=meta["task_state"])
+    examples = loop.load_split(Path(cfg.data.shards) / getattr(cfg.data, split), VIEWS[cfg.modality],
+                               cfg.data.limit, log)
     for ex in examples:
         task.prepare(ex)
     model, collate_fn = loop.build_model(cfg, task, device)
     loop.load_checkpoint(model, run / "best")
     scores = loop.head_outputs(model, examples, collate_fn, batch_size, device, DistEnv(), f"{run.name} {split}",
                                output="scores")
-    return {"cfg": cfg, "results": results, "task_state": task.state()}, (task, model.head), examples, scores
+    return task, model.head, examples, torch.stack([scores[ex.id] for ex in examples])
 
 
 def main(runs: list[Path], out: Path, split: str = "test", batch_size: int = 64, device: str = "cpu") -> dict[str, Any]:
     """Predict ``split`` with the mean label probabilities of ``runs``; write and return the results."""
     if split not in ("dev", "test"):
         raise EnsembleError(f"--split: expected dev or test, got {split!r}")
-    tasks = {member_config(run, split).task for run in runs}  # every run checked before any predicts
+    configs = [member_config(run, split) for run in runs]  # every run checked before any predicts
+    tasks = {cfg.task for cfg in configs}
     if len(tasks) > 1:
         raise EnsembleError(f"the runs are of different tasks ({', '.join(sorted(tasks))}): one task per ensemble")
     log = RunLogger(DistEnv())
-    on = torch.device(device)
-    first: dict[str, Any] | None = None
+    first: tuple[Any, Any, list[loop.Example]] | None = None
     members, total = [], None
-    for run in runs:
-        info, (task, head), examples, scores = member_scores(run, split, batch_size, on, log)
-        ids = [ex.id for ex in examples]
+    for run, cfg in zip(runs, configs):
+        task, head, examples, probs = member_scores(run, cfg, split, batch_size, torch.device(device), log)
         if first is None:
-            first = {**info, "task": task, "head": head, "examples": examples, "ids": ids}
-            total = {i: torch.zeros_like(scores[i]) for i in ids}
-        elif ids != first["ids"]:
+            first = task, head, examples
+        elif [ex.id for ex in examples] != [ex.id for ex in first[2]]:
             raise EnsembleError(f"{run}: its {split} split holds other examples than {runs[0]}'s")
-        elif info["task_state"] != first["task_state"]:
+        elif task.state() != first[0].state():
             raise EnsembleError(f"{run}: its labels differ from {runs[0]}'s")
-        for i in ids:
-            total[i] += scores[i]
-        res = info["results"]
+        total = probs if total is None else total + probs
+        res = json.loads((run / "results.json").read_text(encoding="utf-8"))
         members.append({"run": str(run), "seed": res["seed"], "best_epoch": res["best_epoch"],
                         "training_minutes": res["training_minutes"], split: res[split]})
     assert first is not None and total is not None
-    task, head, examples = first["task"], first["head"], first["examples"]
-    mean = torch.stack([total[ex.id] for ex in examples]) / len(runs)
-    rows = {ex.id: {"id": task.row_id(ex), **row} for ex, row in zip(examples, head.decode(mean))}
-    name = first["cfg"].task
+    task, head, examples = first
+    rows = {ex.id: {"id": task.row_id(ex), **row} for ex, row in zip(examples, head.decode(total / len(runs)))}
+    name = configs[0].task
     results = {"task": name, "split": split, "members": members,
                "training_minutes": round(sum(m["training_minutes"] for m in members), 3),
                split: metrics.score(name, {ex.id: ex.labels for ex in examples}, rows)}

@@ -778,8 +778,8 @@ class Trainer:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         return Progress(**meta["progress"]), mine["loader"], mine["rng"]
 
-
     def load_average(self, file: Path) -> None:
+        """Load the weight average (and its update count) that :meth:`save` wrote to ``file``."""
         from safetensors import safe_open
 
         with safe_open(str(file), framework="pt") as f:

@@ -2,11 +2,12 @@
 
 The head and tail are wrapped in marker words in the encoder input (by default ``[ head ]`` and
 ``{ tail }``: punctuation markers in the style of Zhou & Chen's, in every vocabulary, so no embedding
-is added; not their ``@``/``#``, which in tweets open @mentions and #hashtags). The classifier reads the pooled entity features:
-the state of each start marker, the mean state of each entity's words and the post's ``[CLS]`` state
-(with an image: the multimodal ``[CLS]``, the state pretraining's relation–image objective trains),
-concatenated, and, when the post has an image, the pair as the image shows it: the regions the two
-entities attend to and their geometry (:class:`~mie.finetune.tasks.regions.PairRegions`).
+is added; not their ``@``/``#``, which in tweets open @mentions and #hashtags). The classifier reads
+the pooled entity features: the state of each start marker, the mean state of each entity's words and
+the post's ``[CLS]`` state (with an image: the multimodal ``[CLS]``, the state pretraining's
+relation–image objective trains), concatenated, and, when the post has an image, the pair as the
+image shows it: the regions the two entities attend to and their geometry
+(:class:`~mie.finetune.tasks.regions.PairRegions`).
 
 Labels are the 23 of ``ours_rel2id.json`` (HVPNeT / MKGformer / TMR order); a label the training set
 has beyond them is appended.
